@@ -1,0 +1,932 @@
+//! `relay-bench`: measures `outbox-relay` against the raw ceilings of this machine, in one run.
+//!
+//! 1. Ceilings: Postgres commit rate of outbox transactions; a plain producer with the relay's
+//!    settings to Kafka and to RabbitMQ; Postgres alone handing the backlog out (pgoutput
+//!    decoding through `pg_logical_slot_peek_binary_changes` for wal, a claim-and-read SQL loop
+//!    for poll).
+//! 2. Drain: a backlog written first, then the real relay binary started; timed from its start
+//!    until a consumer has read every event (poll and wal × Kafka and RabbitMQ).
+//! 3. Latency: writers at fixed offered rates; commit-to-consumer from per-event timestamps,
+//!    commit-to-ack from the relay's own histogram.
+//! 4. Footprint: the relay's peak RSS and CPU seconds, from `/proc`.
+//! 5. Report: `report.md`, `report.json`, `latency.svg`.
+//!
+//! Everything runs on one machine next to Postgres and the broker, so the harness's own writers
+//! and consumers compete with the relay for the same cores; the ceilings are measured the same
+//! way, so the ratios stay comparable.
+
+mod amqp;
+mod kafka;
+mod pg;
+mod relay;
+mod report;
+mod stats;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use uuid::Uuid;
+
+use pg::BenchDb;
+pub use pg::now_us;
+use relay::Setup;
+use report::{AckQuantiles, Ceilings, Drain, Latency, Report, Settings, WalCeiling};
+use stats::{Buckets, Percentiles};
+
+const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
+const BATCH_SIZE: &str = "outbox_relay_batch_size";
+/// Attempts per phase before the run gives up.
+const ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-bench",
+    about = "Benchmarks outbox-relay: ceilings, drain throughput, latency and footprint, in one run"
+)]
+struct Args {
+    /// Short variant for CI: 20,000-event backlogs and 5 s latency runs; reports to
+    /// bench/results/quick unless --out is given. No timing assertions either way.
+    #[arg(long)]
+    quick: bool,
+    /// The relay binary under test (a release build).
+    #[arg(long, default_value = "target/release/outbox-relay")]
+    relay_bin: PathBuf,
+    /// Where report.md, report.json and latency.svg go [default: bench/results].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Events in each backlog [default: 200000, quick: 20000].
+    #[arg(long)]
+    events: Option<u64>,
+    /// Aggregates the events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    aggregates: u64,
+    /// Concurrent writer connections (commit ceiling, latency).
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
+    /// Offered rates of the latency runs, events/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<u64>,
+    /// Seconds per latency run [default: 60, quick: 5].
+    #[arg(long)]
+    latency_secs: Option<u64>,
+    /// Extra environment for the relay, e.g. `--relay-env RELAY_POLL__BATCH_SIZE=5000` (for
+    /// experiments; the report lists what was set).
+    #[arg(long, value_name = "KEY=VALUE")]
+    relay_env: Vec<String>,
+    /// Measure ceilings and drains only (no latency runs).
+    #[arg(long)]
+    no_latency: bool,
+    /// Only these source→sink combinations: poll-kafka, poll-rabbitmq, wal-kafka, wal-rabbitmq.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_admin_url: String,
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Poll,
+    Wal,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Poll => "poll",
+            SourceKind::Wal => "wal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Kafka,
+    Rabbitmq,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Kafka => "kafka",
+            SinkKind::Rabbitmq => "rabbitmq",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Combo {
+    pub source: SourceKind,
+    pub sink: SinkKind,
+}
+
+impl Combo {
+    const ALL: [Combo; 4] = [
+        Combo {
+            source: SourceKind::Wal,
+            sink: SinkKind::Kafka,
+        },
+        Combo {
+            source: SourceKind::Poll,
+            sink: SinkKind::Kafka,
+        },
+        Combo {
+            source: SourceKind::Wal,
+            sink: SinkKind::Rabbitmq,
+        },
+        Combo {
+            source: SourceKind::Poll,
+            sink: SinkKind::Rabbitmq,
+        },
+    ];
+
+    /// `wal-kafka`: for names of databases, slots, topics, files.
+    pub fn label(self) -> String {
+        format!("{}_{}", self.source.as_str(), self.sink.as_str())
+    }
+
+    /// `wal → kafka`: for the report.
+    pub fn title(self) -> String {
+        format!("{} → {}", self.source.as_str(), self.sink.as_str())
+    }
+}
+
+/// One message as the consumer read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub id: u128,
+    /// Wall clock when the consumer got it.
+    pub recv_us: i64,
+    /// `clock_timestamp()` at insert, from the payload.
+    pub t_us: Option<i64>,
+    pub bytes: usize,
+}
+
+struct Ctx {
+    args: Args,
+    settings: Settings,
+    run_id: String,
+    dir: PathBuf,
+    notes: Vec<String>,
+    started: Instant,
+}
+
+impl Ctx {
+    fn setup(&self, combo: Combo, db: &BenchDb, phase: &str) -> Setup {
+        let name = format!("bench_{}_{}_{phase}", self.run_id, combo.label());
+        Setup {
+            bin: self.args.relay_bin.clone(),
+            dir: self.dir.clone(),
+            database_url: db.url.clone(),
+            combo,
+            kafka_brokers: self.args.kafka_brokers.clone(),
+            amqp_url: self.args.amqp_url.clone(),
+            destination: name.clone(),
+            slot: name,
+            extra_env: self
+                .args
+                .relay_env
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// The topic, or the exchange with a bound queue, before anything is published.
+    async fn prepare_broker(&self, setup: &Setup) -> Result<()> {
+        match setup.combo.sink {
+            SinkKind::Kafka => kafka::create_topic(&self.args.kafka_brokers, &setup.topic()).await,
+            SinkKind::Rabbitmq => {
+                amqp::declare(&self.args.amqp_url, &setup.destination, &setup.destination).await
+            }
+        }
+    }
+
+    async fn cleanup_broker(&self, setup: &Setup) {
+        match setup.combo.sink {
+            SinkKind::Kafka => kafka::delete_topic(&self.args.kafka_brokers, &setup.topic()).await,
+            SinkKind::Rabbitmq => {
+                amqp::delete(&self.args.amqp_url, &setup.destination, &setup.destination).await
+            }
+        }
+    }
+
+    async fn consumer(
+        &self,
+        setup: &Setup,
+        target: Arc<AtomicUsize>,
+        since_us: i64,
+        deadline: Instant,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Consumer> {
+        Ok(match setup.combo.sink {
+            SinkKind::Kafka => Consumer::Kafka(kafka::spawn_consumer(
+                &self.args.kafka_brokers,
+                &setup.topic(),
+                target,
+                since_us,
+                deadline,
+                stop,
+            )?),
+            SinkKind::Rabbitmq => Consumer::Amqp(
+                amqp::spawn_consumer(
+                    &self.args.amqp_url,
+                    &setup.destination,
+                    target,
+                    since_us,
+                    deadline,
+                    stop,
+                )
+                .await?,
+            ),
+        })
+    }
+
+    /// A phase failed: retried (other engineers' fault tests restart the shared services), with
+    /// a note in the report, or given up after [`ATTEMPTS`].
+    async fn failed(&mut self, phase: &str, attempt: u32, e: anyhow::Error) -> Result<()> {
+        if attempt >= ATTEMPTS {
+            return Err(e.context(format!("{phase} failed {ATTEMPTS} times")));
+        }
+        self.log(format!(
+            "{phase} failed (attempt {attempt}): {e:#}; retrying in 10 s"
+        ));
+        self.notes.push(format!(
+            "{phase}: attempt {attempt} failed and was repeated: {e:#}"
+        ));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok(())
+    }
+
+    fn log(&self, msg: impl AsRef<str>) {
+        eprintln!(
+            "[relay-bench {:>6.1}s] {}",
+            self.started.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+    }
+}
+
+enum Consumer {
+    Kafka(std::thread::JoinHandle<Result<Vec<Seen>>>),
+    Amqp(tokio::task::JoinHandle<Result<Vec<Seen>>>),
+}
+
+impl Consumer {
+    async fn join(self) -> Result<Vec<Seen>> {
+        match self {
+            Consumer::Kafka(h) => tokio::task::spawn_blocking(move || h.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("Kafka consumer thread panicked"))?,
+            Consumer::Amqp(h) => h.await?,
+        }
+    }
+}
+
+/// This run's arguments, without the paths `scripts/bench` fills in, each with a leading space.
+fn command_line() -> String {
+    let mut out = String::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--relay-bin" || a == "--out" {
+            args.next();
+            continue;
+        }
+        if a.starts_with("--relay-bin=") || a.starts_with("--out=") {
+            continue;
+        }
+        out.push(' ');
+        out.push_str(&a);
+    }
+    out
+}
+
+/// `host:port` of a URL, without credentials.
+pub fn config_host(url: &str) -> String {
+    let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|x| x.1).unwrap_or(rest);
+    rest.split('/').next().unwrap_or_default().to_string()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Ceilings that do not depend on a relay: commit rate, both brokers, the poll source.
+async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
+    let a = &ctx.args;
+    let s = ctx.settings.clone();
+    let mut c = Ceilings {
+        commit_writers: s.writers,
+        ..Default::default()
+    };
+
+    // Once with the wal schema (plain table) and once with the poll schema, whose statement
+    // trigger NOTIFYs at commit (Postgres serialises the commits of notifying transactions).
+    for (combo, listen) in [
+        (Combo::ALL[0], false),
+        (Combo::ALL[1], false),
+        (Combo::ALL[1], true),
+    ] {
+        let schema = format!(
+            "{} schema{}",
+            combo.source.as_str(),
+            if listen { " + LISTEN" } else { "" }
+        );
+        ctx.log(format!(
+            "ceiling: Postgres commit rate ({schema}), {} writers, {} s",
+            s.writers, s.commit_ceiling_secs
+        ));
+        let label = format!(
+            "commit_{}{}",
+            combo.source.as_str(),
+            if listen { "_listen" } else { "" }
+        );
+        let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, &label).await?;
+        let setup = ctx.setup(combo, &db, "commit");
+        setup.migrate()?;
+        let measured = pg::commit_ceiling(
+            &db.url,
+            s.writers,
+            Duration::from_secs(s.commit_ceiling_secs),
+            listen,
+        )
+        .await;
+        db.drop_now().await?;
+        let (n, rate) = measured?;
+        match (combo.source, listen) {
+            (SourceKind::Wal, _) => {
+                c.commit_events = n;
+                c.commit_events_per_sec = rate;
+            }
+            (SourceKind::Poll, false) => {
+                c.commit_notify_events = n;
+                c.commit_notify_events_per_sec = rate;
+            }
+            (SourceKind::Poll, true) => {
+                c.commit_notify_listen_events = n;
+                c.commit_notify_listen_events_per_sec = rate;
+            }
+        }
+    }
+
+    ctx.log(format!(
+        "ceiling: plain Kafka producer, {} messages",
+        s.events
+    ));
+    let topic = format!("bench_{}_producer", ctx.run_id);
+    kafka::create_topic(&a.kafka_brokers, &topic).await?;
+    let t = kafka::producer_ceiling(&a.kafka_brokers, &topic, s.events, s.aggregates).await?;
+    kafka::delete_topic(&a.kafka_brokers, &topic).await;
+    c.kafka_producer_msgs_per_sec = s.events as f64 / t.as_secs_f64();
+
+    ctx.log(format!(
+        "ceiling: plain RabbitMQ publisher, {} messages",
+        s.events
+    ));
+    let exchange = format!("bench_{}_publisher", ctx.run_id);
+    amqp::declare(&a.amqp_url, &exchange, &exchange).await?;
+    let t = amqp::publisher_ceiling(&a.amqp_url, &exchange, s.events, s.aggregates).await;
+    amqp::delete(&a.amqp_url, &exchange, &exchange).await;
+    c.rabbitmq_publisher_msgs_per_sec = s.events as f64 / t?.as_secs_f64();
+
+    ctx.log(format!(
+        "ceiling: poll source (SQL claim-and-read loop), {} events",
+        s.events
+    ));
+    let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollsql").await?;
+    let setup = ctx.setup(Combo::ALL[1], &db, "pollsql");
+    setup.migrate()?;
+    pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+    db.client()
+        .await?
+        .batch_execute("VACUUM ANALYZE outbox")
+        .await?;
+    let (rows, bytes, t) = pg::poll_ceiling(&db.url).await?;
+    c.poll_source_events_per_sec = rows as f64 / t.as_secs_f64();
+    c.poll_source_mb_per_sec = bytes as f64 / 1e6 / t.as_secs_f64();
+    db.drop_now().await?;
+    Ok(c)
+}
+
+/// Backlog first, then the relay; timed until the consumer has read every event. The database,
+/// topic or exchange are removed whatever the outcome.
+async fn drain(ctx: &mut Ctx, combo: Combo, ceilings: &mut Ceilings) -> Result<Drain> {
+    let label = format!("{}_drain", combo.label());
+    let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
+    let setup = ctx.setup(combo, &db, "drain");
+    let result = drain_on(ctx, &db, &setup, ceilings).await;
+    ctx.cleanup_broker(&setup).await;
+    let dropped = db.drop_now().await;
+    let d = result?;
+    dropped?;
+    Ok(d)
+}
+
+async fn drain_on(
+    ctx: &mut Ctx,
+    db: &BenchDb,
+    setup: &Setup,
+    ceilings: &mut Ceilings,
+) -> Result<Drain> {
+    let s = ctx.settings.clone();
+    let combo = setup.combo;
+    ctx.log(format!(
+        "drain {}: writing {} events",
+        combo.title(),
+        s.events
+    ));
+    // In wal mode this creates the publication and the slot: before the backlog, so the slot
+    // holds every event.
+    setup.migrate()?;
+    ctx.prepare_broker(setup).await?;
+    let write = pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+    let client = db.client().await?;
+    client.batch_execute("VACUUM ANALYZE outbox").await?;
+    let avg_payload = pg::average_payload_bytes(&client).await?;
+    let wal_end = pg::current_lsn(&client).await?;
+
+    let source_ceiling = match combo.source {
+        SourceKind::Poll => ceilings.poll_source_events_per_sec,
+        SourceKind::Wal => {
+            ctx.log(format!(
+                "drain {}: pgoutput decoding ceiling (peek)",
+                combo.title()
+            ));
+            let (rows, t) = pg::peek_ceiling(&db.url, &setup.slot).await?;
+            let rate = s.events as f64 / t.as_secs_f64();
+            ceilings.wal_source.retain(|w| w.combo != combo.title());
+            ceilings.wal_source.push(WalCeiling {
+                combo: combo.title(),
+                rows,
+                seconds: t.as_secs_f64(),
+                events_per_sec: rate,
+            });
+            rate
+        }
+    };
+    let broker_ceiling = match combo.sink {
+        SinkKind::Kafka => ceilings.kafka_producer_msgs_per_sec,
+        SinkKind::Rabbitmq => ceilings.rabbitmq_publisher_msgs_per_sec,
+    };
+
+    ctx.log(format!("drain {}: relay started", combo.title()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let consumer = ctx
+        .consumer(
+            setup,
+            Arc::new(AtomicUsize::new(s.events as usize)),
+            0,
+            deadline,
+            stop.clone(),
+        )
+        .await?;
+    let cpu_before = relay::CpuSnapshot::take();
+    let start_us = now_us();
+    let mut relay = setup.start()?;
+    // The source's view: outbox drained (poll) or slot confirmed past the backlog (wal).
+    let monitor = {
+        let url = db.url.clone();
+        let slot = setup.slot.clone();
+        let source = combo.source;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = pg::connect(&url).await?;
+            while !stop.load(Ordering::Relaxed) {
+                let done = match source {
+                    SourceKind::Poll => pg::pending_poll(&client).await? == 0,
+                    SourceKind::Wal => pg::slot_reached(&client, &slot, &wal_end).await?,
+                };
+                if done {
+                    return anyhow::Ok(Some(now_us()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(None)
+        })
+    };
+    let metrics_addr = relay.metrics_addr().await;
+    let seen = consumer.join().await?;
+    let cpu_wall = (now_us() - start_us) as f64 / 1e6;
+    let cpu_share = relay::CpuSnapshot::take().since(&cpu_before, relay.pid(), cpu_wall);
+    let footprint = relay.footprint();
+    let scraped = match &metrics_addr {
+        Some(addr) => relay::scrape(addr).await.ok(),
+        None => None,
+    };
+    // Give the source's confirmation (wal: the next status update) a moment to land.
+    let source_done = tokio::time::timeout(Duration::from_secs(15), monitor).await;
+    stop.store(true, Ordering::Relaxed);
+    relay.stop();
+    let source_done_us = match source_done {
+        Ok(Ok(Ok(t))) => t,
+        _ => None,
+    };
+
+    let mut distinct = std::collections::HashSet::with_capacity(seen.len());
+    let mut first_us = i64::MAX;
+    let mut last_us = 0;
+    let mut bytes = 0u64;
+    for m in &seen {
+        if distinct.insert(m.id) {
+            first_us = first_us.min(m.recv_us);
+            last_us = last_us.max(m.recv_us);
+            bytes += m.bytes as u64;
+        }
+    }
+    if (distinct.len() as u64) < s.events {
+        bail!(
+            "drain {}: the consumer read {} of {} events before the deadline; relay log: {}",
+            combo.title(),
+            distinct.len(),
+            s.events,
+            relay.log.display()
+        );
+    }
+    let seconds = (last_us - start_us) as f64 / 1e6;
+    let rate = s.events as f64 / seconds;
+    let relay_ceiling = source_ceiling.min(broker_ceiling);
+    let mean_batch = scraped
+        .as_deref()
+        .and_then(|m| stats::sum_and_count(m, BATCH_SIZE))
+        .and_then(|(sum, n)| (n > 0.0).then_some(sum / n));
+    Ok(Drain {
+        combo: combo.title(),
+        events: s.events,
+        backlog_write_seconds: write.as_secs_f64(),
+        avg_payload_bytes: avg_payload,
+        seconds,
+        events_per_sec: rate,
+        mb_per_sec: bytes as f64 / 1e6 / seconds,
+        first_message_after_seconds: (first_us - start_us) as f64 / 1e6,
+        steady_events_per_sec: (s.events - 1) as f64 / ((last_us - first_us) as f64 / 1e6),
+        source_done_after_seconds: source_done_us.map(|t| (t - start_us) as f64 / 1e6),
+        source_ceiling,
+        broker_ceiling,
+        relay_ceiling,
+        ratio_to_ceiling: rate / relay_ceiling,
+        duplicates: seen.len() - distinct.len(),
+        peak_rss_mib: mib(footprint.peak_rss_kib),
+        cpu_seconds: footprint.cpu_seconds,
+        cpu_seconds_per_100k: footprint.cpu_seconds * 100_000.0 / s.events as f64,
+        mean_batch_size: mean_batch,
+        cpu_cores_by_process: cpu_share,
+    })
+}
+
+/// One relay per combination, fed by paced writers at each offered rate in turn.
+async fn latency(ctx: &mut Ctx, combo: Combo) -> Result<Vec<Latency>> {
+    let label = format!("{}_lat", combo.label());
+    let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
+    let setup = ctx.setup(combo, &db, "lat");
+    let result = latency_on(ctx, &db, &setup).await;
+    ctx.cleanup_broker(&setup).await;
+    let dropped = db.drop_now().await;
+    let l = result?;
+    dropped?;
+    Ok(l)
+}
+
+async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<Latency>> {
+    let s = ctx.settings.clone();
+    let combo = setup.combo;
+    setup.migrate()?;
+    ctx.prepare_broker(setup).await?;
+    let mut relay = setup.start()?;
+    relay
+        .wait_for_log("relay started", Duration::from_secs(30))
+        .await?;
+    let metrics_addr = relay.metrics_addr().await;
+    if metrics_addr.is_none() {
+        ctx.notes.push(format!(
+            "{}: the relay logged no `serving /metrics` line, so commit-to-ack is not reported",
+            combo.title()
+        ));
+    }
+    let system = format!("system=\"{}\"", combo.sink.as_str());
+    let mut written = 0u64;
+    let mut out = Vec::new();
+
+    // Warm-up: producer ids, topic metadata, connections, plans; not measured.
+    {
+        let since = now_us();
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer = ctx
+            .consumer(
+                setup,
+                Arc::new(AtomicUsize::new(200)),
+                since,
+                Instant::now() + Duration::from_secs(60),
+                stop,
+            )
+            .await?;
+        let paced = pg::paced_writers(
+            &db.url,
+            200,
+            Duration::from_secs(1),
+            s.aggregates,
+            s.writers,
+            written,
+        )
+        .await?;
+        written += paced.committed.len() as u64;
+        let seen = consumer.join().await?;
+        if seen.len() < 200 {
+            bail!(
+                "latency {}: warm-up events did not arrive ({} of 200); relay log: {}",
+                combo.title(),
+                seen.len(),
+                relay.log.display()
+            );
+        }
+    }
+
+    for &rate in &s.rates {
+        ctx.log(format!(
+            "latency {}: {rate} events/s for {} s",
+            combo.title(),
+            s.latency_secs
+        ));
+        let before = match &metrics_addr {
+            Some(addr) => relay::scrape(addr).await.ok(),
+            None => None,
+        };
+        let cpu_before = relay.footprint().cpu_seconds;
+        // Known once the writers are done: they stop at the end of the run even when behind.
+        let target = Arc::new(AtomicUsize::new(usize::MAX));
+        let since = now_us();
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(s.latency_secs + 30);
+        let consumer = ctx
+            .consumer(setup, target.clone(), since, deadline, stop.clone())
+            .await?;
+        let paced = pg::paced_writers(
+            &db.url,
+            rate,
+            Duration::from_secs(s.latency_secs),
+            s.aggregates,
+            s.writers,
+            written,
+        )
+        .await;
+        let paced = match paced {
+            Ok(p) => p,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = consumer.join().await;
+                return Err(e);
+            }
+        };
+        written += rate * s.latency_secs;
+        target.store(paced.committed.len(), Ordering::Relaxed);
+        let seen = consumer.join().await?;
+        let after = match &metrics_addr {
+            Some(addr) => relay::scrape(addr).await.ok(),
+            None => None,
+        };
+        let footprint = relay.footprint();
+
+        let committed: HashMap<u128, i64> = paced.committed.iter().copied().collect();
+        let mut first_seen: HashMap<u128, Seen> = HashMap::with_capacity(seen.len());
+        for m in &seen {
+            first_seen.entry(m.id).or_insert(*m);
+        }
+        let mut to_consumer = Vec::with_capacity(first_seen.len());
+        let mut insert_to_consumer = Vec::with_capacity(first_seen.len());
+        let mut negative = 0;
+        for (id, m) in &first_seen {
+            if let Some(commit_us) = committed.get(id) {
+                let d = (m.recv_us - commit_us) as f64 / 1000.0;
+                if d < 0.0 {
+                    negative += 1;
+                }
+                to_consumer.push(d.max(0.0));
+            }
+            if let Some(t) = m.t_us {
+                insert_to_consumer.push((m.recv_us - t) as f64 / 1000.0);
+            }
+        }
+        let ack = match (&before, &after) {
+            (Some(b), Some(a)) => {
+                let diff = Buckets::parse(a, COMMIT_TO_ACK, &system).since(&Buckets::parse(
+                    b,
+                    COMMIT_TO_ACK,
+                    &system,
+                ));
+                diff.quantile(0.5).map(|p50| AckQuantiles {
+                    samples: diff.count() as u64,
+                    p50_ms: p50 * 1000.0,
+                    p99_ms: diff.quantile(0.99).unwrap_or(0.0) * 1000.0,
+                    p999_ms: diff.quantile(0.999).unwrap_or(0.0) * 1000.0,
+                    max_bucket_ms: diff.max_bound().map(|b| b * 1000.0),
+                })
+            }
+            _ => None,
+        };
+        out.push(Latency {
+            combo: combo.title(),
+            offered_per_sec: rate,
+            achieved_per_sec: paced.committed.len() as f64 / paced.elapsed.as_secs_f64(),
+            writer_max_behind_ms: paced.max_behind.as_secs_f64() * 1000.0,
+            committed: paced.committed.len(),
+            received: first_seen.len(),
+            missing: paced
+                .committed
+                .iter()
+                .filter(|(id, _)| !first_seen.contains_key(id))
+                .count(),
+            commit_to_consumer: Percentiles::of(to_consumer),
+            insert_to_consumer: Percentiles::of(insert_to_consumer),
+            consumer_before_commit_returned: negative,
+            commit_to_ack: ack,
+            peak_rss_mib: mib(footprint.peak_rss_kib),
+            cpu_seconds: footprint.cpu_seconds - cpu_before,
+        });
+    }
+    relay.stop();
+    Ok(out)
+}
+
+async fn run(args: Args) -> Result<Report> {
+    relay::ensure_binary(&args.relay_bin)?;
+    let quick = args.quick;
+    let settings = Settings {
+        mode: if quick { "quick" } else { "full" }.into(),
+        events: args.events.unwrap_or(if quick { 20_000 } else { 200_000 }),
+        aggregates: args.aggregates,
+        payload_bytes: pg::PAYLOAD_BYTES,
+        writers: args.writers,
+        rates: args.rates.clone(),
+        latency_secs: args.latency_secs.unwrap_or(if quick { 5 } else { 60 }),
+        commit_ceiling_secs: if quick { 3 } else { 10 },
+        relay_env: args.relay_env.clone(),
+        arguments: command_line(),
+    };
+    if let Some(bad) = args.relay_env.iter().find(|kv| !kv.contains('=')) {
+        bail!("--relay-env `{bad}` is not KEY=VALUE");
+    }
+    if settings.events < settings.aggregates || settings.aggregates == 0 || settings.writers == 0 {
+        bail!("need events >= aggregates > 0 and writers > 0");
+    }
+    let combos: Vec<Combo> = Combo::ALL
+        .into_iter()
+        .filter(|c| {
+            args.only.is_empty() || args.only.iter().any(|o| o.replace('-', "_") == c.label())
+        })
+        .collect();
+    if combos.is_empty() {
+        bail!(
+            "--only matched no combination; use poll-kafka, poll-rabbitmq, wal-kafka, wal-rabbitmq"
+        );
+    }
+    let run_id = Uuid::new_v4().simple().to_string()[..8].to_string();
+    let dir = std::env::temp_dir().join(format!("relay-bench-{run_id}"));
+    std::fs::create_dir_all(&dir)?;
+    let machine = report::machine(&args.pg_admin_url, &args.amqp_url).await;
+    let mut ctx = Ctx {
+        args,
+        settings,
+        run_id,
+        dir,
+        notes: Vec::new(),
+        started: Instant::now(),
+    };
+    ctx.log(format!(
+        "run {} ({} mode); relay logs in {}",
+        ctx.run_id,
+        ctx.settings.mode,
+        ctx.dir.display()
+    ));
+    let started = ctx.started;
+    let result = measure(&mut ctx, &combos).await;
+    if let Err(e) = pg::drop_run_databases(&ctx.args.pg_admin_url, &ctx.run_id).await {
+        ctx.log(format!("cannot drop this run's databases: {e:#}"));
+    }
+    let (ceilings, drains, latencies) = result?;
+    let mut machine = machine;
+    machine.load_after = report::loadavg();
+    Ok(Report::new(
+        machine,
+        ctx.settings,
+        ceilings,
+        drains,
+        latencies,
+        ctx.notes,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Every phase in order, each repeated when a shared service was restarted under it.
+async fn measure(ctx: &mut Ctx, combos: &[Combo]) -> Result<(Ceilings, Vec<Drain>, Vec<Latency>)> {
+    let mut ceilings = None;
+    for attempt in 1..=ATTEMPTS {
+        match self::ceilings(ctx).await {
+            Ok(c) => {
+                ceilings = Some(c);
+                break;
+            }
+            Err(e) => ctx.failed("ceilings", attempt, e).await?,
+        }
+    }
+    let mut ceilings = ceilings.context("ceilings were not measured")?;
+    let mut drains = Vec::new();
+    for &combo in combos {
+        for attempt in 1..=ATTEMPTS {
+            match drain(ctx, combo, &mut ceilings).await {
+                Ok(d) => {
+                    ctx.log(format!(
+                        "drain {}: {:.0} events/s, {:.2} × ceiling, peak RSS {:.1} MiB",
+                        combo.title(),
+                        d.events_per_sec,
+                        d.ratio_to_ceiling,
+                        d.peak_rss_mib
+                    ));
+                    drains.push(d);
+                    break;
+                }
+                Err(e) => {
+                    ctx.failed(&format!("drain {}", combo.title()), attempt, e)
+                        .await?
+                }
+            }
+        }
+    }
+    let mut latencies = Vec::new();
+    let run_latency = !ctx.args.no_latency;
+    for &combo in combos.iter().filter(|_| run_latency) {
+        for attempt in 1..=ATTEMPTS {
+            match latency(ctx, combo).await {
+                Ok(l) => {
+                    for r in &l {
+                        ctx.log(format!(
+                            "latency {} at {}/s: commit→consumer p50 {:.1} ms, p99 {:.1} ms; commit→ack p99 {}",
+                            r.combo,
+                            r.offered_per_sec,
+                            r.commit_to_consumer.p50_ms,
+                            r.commit_to_consumer.p99_ms,
+                            r.commit_to_ack
+                                .as_ref()
+                                .map(|a| format!("{:.1} ms", a.p99_ms))
+                                .unwrap_or_else(|| "n/a".into())
+                        ));
+                    }
+                    latencies.extend(l);
+                    break;
+                }
+                Err(e) => {
+                    ctx.failed(&format!("latency {}", combo.title()), attempt, e)
+                        .await?
+                }
+            }
+        }
+    }
+    Ok((ceilings, drains, latencies))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.quick {
+            PathBuf::from("bench/results/quick")
+        } else {
+            PathBuf::from("bench/results")
+        }
+    });
+    let result = async {
+        let report = run(args).await?;
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        std::fs::write(out.join("report.md"), report.markdown())?;
+        std::fs::write(out.join("latency.svg"), report.svg())?;
+        eprintln!(
+            "[relay-bench] wrote {}/report.md, report.json, latency.svg",
+            out.display()
+        );
+        println!("{}", report.markdown());
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,836 @@
+//! The report: JSON (everything measured), markdown (the tables and the targets of issue 8) and
+//! an SVG chart of latency percentiles by offered rate, drawn by hand.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::stats::Percentiles;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres: String,
+    pub rabbitmq: String,
+    pub kafka_broker: String,
+    pub relay_commit: String,
+    pub started_at: String,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub mode: String,
+    pub events: u64,
+    pub aggregates: u64,
+    pub payload_bytes: usize,
+    pub writers: usize,
+    pub rates: Vec<u64>,
+    pub latency_secs: u64,
+    pub commit_ceiling_secs: u64,
+    /// The arguments of the run, as `scripts/bench` got them (without `--relay-bin`/`--out`).
+    pub arguments: String,
+    /// Relay settings changed from the defaults (`--relay-env`).
+    pub relay_env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WalCeiling {
+    pub combo: String,
+    /// Rows of `pg_logical_slot_peek_binary_changes` (Begin, Relation, Insert, Commit).
+    pub rows: i64,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ceilings {
+    pub commit_writers: usize,
+    /// Plain outbox table (wal schema).
+    pub commit_events: u64,
+    pub commit_events_per_sec: f64,
+    /// Outbox table with the poll schema's NOTIFY trigger.
+    pub commit_notify_events: u64,
+    pub commit_notify_events_per_sec: f64,
+    /// The same with a session LISTENing on the trigger's channel (as the polling relay does).
+    pub commit_notify_listen_events: u64,
+    pub commit_notify_listen_events_per_sec: f64,
+    pub kafka_producer_msgs_per_sec: f64,
+    pub rabbitmq_publisher_msgs_per_sec: f64,
+    pub poll_source_events_per_sec: f64,
+    pub poll_source_mb_per_sec: f64,
+    pub wal_source: Vec<WalCeiling>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub combo: String,
+    pub events: u64,
+    pub backlog_write_seconds: f64,
+    pub avg_payload_bytes: f64,
+    /// From spawning the relay until the consumer read the last event.
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    /// Payload bytes (512 per event) per second.
+    pub mb_per_sec: f64,
+    pub first_message_after_seconds: f64,
+    /// From the first to the last event read (start-up excluded).
+    pub steady_events_per_sec: f64,
+    /// When the source agreed: outbox has no unpublished row (poll) or the slot's confirmed
+    /// position passed the backlog (wal; reported once a second by the relay).
+    pub source_done_after_seconds: Option<f64>,
+    pub source_ceiling: f64,
+    pub broker_ceiling: f64,
+    pub relay_ceiling: f64,
+    pub ratio_to_ceiling: f64,
+    pub duplicates: usize,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+    pub cpu_seconds_per_100k: f64,
+    pub mean_batch_size: Option<f64>,
+    /// Average cores used while draining, by process group (and the whole machine).
+    pub cpu_cores_by_process: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AckQuantiles {
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Upper bound of the highest non-empty bucket: the max is at most this.
+    pub max_bucket_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub combo: String,
+    pub offered_per_sec: u64,
+    pub achieved_per_sec: f64,
+    pub writer_max_behind_ms: f64,
+    pub committed: usize,
+    pub received: usize,
+    pub missing: usize,
+    /// Consumer receive time minus the writer's wall clock when COMMIT returned.
+    pub commit_to_consumer: Percentiles,
+    /// Consumer receive time minus `clock_timestamp()` at insert (carried in the payload).
+    pub insert_to_consumer: Percentiles,
+    /// Events the consumer had before the writer saw its COMMIT return (counted as 0 ms).
+    pub consumer_before_commit_returned: usize,
+    /// From the relay's `outbox_relay_commit_to_ack_seconds` histogram (created_at to broker
+    /// confirmation), quantiles interpolated inside buckets.
+    pub commit_to_ack: Option<AckQuantiles>,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub ceilings: Ceilings,
+    pub drains: Vec<Drain>,
+    pub latency: Vec<Latency>,
+    pub targets: Vec<TargetCheck>,
+    pub notes: Vec<String>,
+    pub run_seconds: f64,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// What the numbers came from.
+pub async fn machine(pg_admin_url: &str, amqp_url: &str) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let postgres = match crate::pg::connect(pg_admin_url).await {
+        Ok(c) => c
+            .query_one("SELECT version()", &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default()
+            .split(" on ")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        Err(_) => String::new(),
+    };
+    let dirty = !sh("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    Machine {
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default(),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        memory_gib: meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0)
+            .unwrap_or(0.0),
+        kernel: sh("uname", &["-sr"]),
+        postgres,
+        rabbitmq: match sh("rabbitmqctl", &["version"]) {
+            v if v.is_empty() => format!("RabbitMQ at {}", crate::config_host(amqp_url)),
+            v => format!("RabbitMQ {v}"),
+        },
+        kafka_broker: {
+            let v = sh("tansu", &["--version"]);
+            if v.is_empty() { "tansu".into() } else { v }
+        },
+        relay_commit: format!(
+            "{}{}",
+            sh("git", &["rev-parse", "--short", "HEAD"]),
+            if dirty {
+                " (working tree with uncommitted changes)"
+            } else {
+                ""
+            }
+        ),
+        started_at: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        load_before: loadavg(),
+        load_after: String::new(),
+    }
+}
+
+fn k(rate: f64) -> String {
+    if rate >= 10_000.0 {
+        format!("{:.1}k", rate / 1000.0)
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into())
+}
+
+impl Report {
+    pub fn new(
+        machine: Machine,
+        settings: Settings,
+        ceilings: Ceilings,
+        drains: Vec<Drain>,
+        latency: Vec<Latency>,
+        notes: Vec<String>,
+        run_seconds: f64,
+    ) -> Self {
+        let mut targets = Vec::new();
+        for d in &drains {
+            targets.push(TargetCheck {
+                target: format!("{}: drain ≥ 0.8 × relay ceiling", d.combo),
+                measured: format!(
+                    "{:.2} × ({}/s of {}/s)",
+                    d.ratio_to_ceiling,
+                    k(d.events_per_sec),
+                    k(d.relay_ceiling)
+                ),
+                met: Some(d.ratio_to_ceiling >= 0.8),
+            });
+            let floor = match d.combo.as_str() {
+                "wal → kafka" => 50_000.0,
+                "poll → kafka" => 25_000.0,
+                _ => 20_000.0,
+            };
+            targets.push(TargetCheck {
+                target: format!("{}: drain ≥ {}/s", d.combo, k(floor)),
+                measured: format!(
+                    "{}/s (ceiling {}/s{})",
+                    k(d.events_per_sec),
+                    k(d.relay_ceiling),
+                    if d.relay_ceiling < floor {
+                        ", below the target itself"
+                    } else {
+                        ""
+                    }
+                ),
+                met: Some(d.events_per_sec >= floor),
+            });
+        }
+        for l in &latency {
+            let limit = if l.combo.starts_with("wal") {
+                50.0
+            } else {
+                100.0
+            };
+            if l.offered_per_sec != 5_000 {
+                continue;
+            }
+            targets.push(TargetCheck {
+                target: format!(
+                    "{}: p99 commit-to-ack ≤ {limit:.0} ms at {}/s",
+                    l.combo, l.offered_per_sec
+                ),
+                measured: match &l.commit_to_ack {
+                    Some(a) => format!(
+                        "{:.1} ms (commit-to-consumer p99 {:.1} ms)",
+                        a.p99_ms, l.commit_to_consumer.p99_ms
+                    ),
+                    None => format!(
+                        "relay histogram n/a; commit-to-consumer p99 {:.1} ms",
+                        l.commit_to_consumer.p99_ms
+                    ),
+                },
+                met: l.commit_to_ack.as_ref().map(|a| a.p99_ms <= limit),
+            });
+        }
+        for d in &drains {
+            targets.push(TargetCheck {
+                target: format!("{}: relay peak RSS ≤ 40 MiB while draining", d.combo),
+                measured: format!("{:.1} MiB", d.peak_rss_mib),
+                met: Some(d.peak_rss_mib <= 40.0),
+            });
+        }
+        Self {
+            machine,
+            settings,
+            ceilings,
+            drains,
+            latency,
+            targets,
+            notes,
+            run_seconds,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let s = &self.settings;
+        let c = &self.ceilings;
+        let mut o = String::new();
+        let _ = writeln!(o, "# outbox-relay benchmark ({} run)\n", s.mode);
+        let _ = writeln!(
+            o,
+            "Generated by `scripts/bench{}` at {} in {:.0} s.\n",
+            s.arguments, m.started_at, self.run_seconds
+        );
+        let _ = writeln!(o, "## Machine\n");
+        let _ = writeln!(o, "| | |\n|---|---|");
+        let _ = writeln!(o, "| CPU | {} × {} |", m.cores, m.cpu_model);
+        let _ = writeln!(o, "| memory | {} GiB |", m.memory_gib);
+        let _ = writeln!(o, "| kernel | {} |", m.kernel);
+        let _ = writeln!(o, "| Postgres | {} (same machine) |", m.postgres);
+        let _ = writeln!(o, "| RabbitMQ | {} (same machine) |", m.rabbitmq);
+        let _ = writeln!(
+            o,
+            "| Kafka | {} (in-memory storage, same machine) |",
+            m.kafka_broker
+        );
+        let _ = writeln!(
+            o,
+            "| relay | `{}`, release build, {} |",
+            m.relay_commit,
+            if s.relay_env.is_empty() {
+                "default settings (poll.batch_size = 1000), 3 partitions".to_string()
+            } else {
+                format!(
+                    "3 partitions, changed settings: `{}`",
+                    s.relay_env.join(" ")
+                )
+            }
+        );
+        let _ = writeln!(
+            o,
+            "| load average (1/5/15 min) | before {} · after {} |",
+            m.load_before, m.load_after
+        );
+        let _ = writeln!(
+            o,
+            "\nWorkload: {} events per backlog over {} aggregates, {}-byte JSON payloads, one event per \
+             transaction; {} writer connections; latency runs of {} s at {} events/s.\n",
+            s.events,
+            s.aggregates,
+            s.payload_bytes,
+            s.writers,
+            s.latency_secs,
+            s.rates
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+
+        let _ = writeln!(o, "## Ceilings\n");
+        let _ = writeln!(o, "| what | rate | how |\n|---|---:|---|");
+        let _ = writeln!(
+            o,
+            "| Postgres commits, wal schema | {}/s | {} connections, one `INSERT` per transaction, `synchronous_commit = on`, {} events |",
+            k(c.commit_events_per_sec),
+            c.commit_writers,
+            c.commit_events
+        );
+        let _ = writeln!(
+            o,
+            "| Postgres commits, poll schema | {}/s | the same, with the poll schema's statement trigger that NOTIFYs at commit, {} events |",
+            k(c.commit_notify_events_per_sec),
+            c.commit_notify_events
+        );
+        let _ = writeln!(
+            o,
+            "| Postgres commits, poll schema + LISTEN | {}/s | the same, with one idle session LISTENing on the channel as the polling relay does, {} events |",
+            k(c.commit_notify_listen_events_per_sec),
+            c.commit_notify_listen_events
+        );
+        let _ = writeln!(
+            o,
+            "| Kafka producer | {}/s | rdkafka, idempotent, acks=all, linger.ms=5, relay headers and key, all in flight |",
+            k(c.kafka_producer_msgs_per_sec)
+        );
+        let _ = writeln!(
+            o,
+            "| RabbitMQ publisher | {}/s | lapin, publisher confirms (5,000 outstanding), mandatory, persistent, durable queue |",
+            k(c.rabbitmq_publisher_msgs_per_sec)
+        );
+        let _ = writeln!(
+            o,
+            "| poll source | {}/s ({:.1} MB/s) | SQL loop: 1,000 unpublished rows in relay_seq order, then `UPDATE … relay_published_at = now()` |",
+            k(c.poll_source_events_per_sec),
+            c.poll_source_mb_per_sec
+        );
+        for w in &c.wal_source {
+            let _ = writeln!(
+                o,
+                "| wal source ({}) | {}/s | `pg_logical_slot_peek_binary_changes` (pgoutput, proto 1) on the relay's slot: {} rows in {:.2} s |",
+                w.combo,
+                k(w.events_per_sec),
+                w.rows,
+                w.seconds
+            );
+        }
+
+        let _ = writeln!(o, "\n## Drain throughput\n");
+        let _ = writeln!(
+            o,
+            "Backlog written first, then the relay started; timed from spawning the relay until the consumer had read every event.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| source → sink | events/s | MB/s | steady events/s | source ceiling | broker ceiling | ratio to ceiling | first event after | source done after | mean batch | peak RSS | CPU s / 100k |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for d in &self.drains {
+            let _ = writeln!(
+                o,
+                "| {} | **{}** | {:.1} | {} | {} | {} | **{:.2}** | {:.2} s | {} | {} | {:.1} MiB | {:.2} |",
+                d.combo,
+                k(d.events_per_sec),
+                d.mb_per_sec,
+                k(d.steady_events_per_sec),
+                k(d.source_ceiling),
+                k(d.broker_ceiling),
+                d.ratio_to_ceiling,
+                d.first_message_after_seconds,
+                d.source_done_after_seconds
+                    .map(|t| format!("{t:.2} s"))
+                    .unwrap_or_else(|| "n/a".into()),
+                d.mean_batch_size
+                    .map(|b| format!("{b:.0}"))
+                    .unwrap_or_else(|| "n/a".into()),
+                d.peak_rss_mib,
+                d.cpu_seconds_per_100k
+            );
+        }
+
+        let _ = writeln!(
+            o,
+            "\nWhere the CPU went while draining (average cores busy, from /proc; {} cores in all):\n",
+            self.machine.cores
+        );
+        let mut groups: Vec<String> = Vec::new();
+        for d in &self.drains {
+            for (g, _) in &d.cpu_cores_by_process {
+                if !groups.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+        }
+        let _ = writeln!(o, "| source → sink | {} |", groups.join(" | "));
+        let _ = writeln!(o, "|---|{}", "---:|".repeat(groups.len()));
+        for d in &self.drains {
+            let cells: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    d.cpu_cores_by_process
+                        .iter()
+                        .find(|(name, _)| name == g)
+                        .map(|(_, v)| format!("{v:.2}"))
+                        .unwrap_or_else(|| "0".into())
+                })
+                .collect();
+            let _ = writeln!(o, "| {} | {} |", d.combo, cells.join(" | "));
+        }
+
+        let _ = writeln!(o, "\n## Latency\n");
+        let _ = writeln!(
+            o,
+            "commit→consumer: consumer receive time minus the writer's clock when COMMIT returned (primary). \
+             insert→consumer: minus `clock_timestamp()` at insert, carried in the payload (the source-timestamp way of \
+             Debezium-style benchmarks; includes the commit itself). commit→ack: the relay's \
+             `outbox_relay_commit_to_ack_seconds` histogram (event `created_at` to broker confirmation), \
+             quantiles interpolated inside buckets like `histogram_quantile`, max = upper bound of the highest \
+             non-empty bucket. All ms.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| source → sink | offered/s | achieved/s | commit→consumer p50 / p99 / p99.9 / max | insert→consumer p50 / p99 / p99.9 | commit→ack p50 / p99 / p99.9 / max ≤ | missing | relay CPU s | RSS |"
+        );
+        let _ = writeln!(o, "|---|---:|---:|---|---|---|---:|---:|---:|");
+        for l in &self.latency {
+            let p = &l.commit_to_consumer;
+            let i = &l.insert_to_consumer;
+            let ack = l
+                .commit_to_ack
+                .as_ref()
+                .map(|a| {
+                    format!(
+                        "{:.1} / {:.1} / {:.1} / {}",
+                        a.p50_ms,
+                        a.p99_ms,
+                        a.p999_ms,
+                        opt_ms(a.max_bucket_ms)
+                    )
+                })
+                .unwrap_or_else(|| "n/a".into());
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {:.1} / **{:.1}** / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} | {} | {:.1} | {:.1} MiB |",
+                l.combo,
+                l.offered_per_sec,
+                l.achieved_per_sec,
+                p.p50_ms,
+                p.p99_ms,
+                p.p999_ms,
+                p.max_ms,
+                i.p50_ms,
+                i.p99_ms,
+                i.p999_ms,
+                ack,
+                l.missing,
+                l.cpu_seconds,
+                l.peak_rss_mib
+            );
+        }
+        let _ = writeln!(o, "\n![latency percentiles by offered rate](latency.svg)\n");
+
+        let _ = writeln!(o, "## Targets (issue 8)\n");
+        let _ = writeln!(o, "| target | measured | met |\n|---|---|---|");
+        for t in &self.targets {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} |",
+                t.target,
+                t.measured,
+                match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "n/a",
+                }
+            );
+        }
+        let _ = writeln!(o, "\n## Method notes\n");
+        for line in [
+            "Everything runs on the one machine: Postgres, the broker, the relay, and the harness's writers and consumer share the cores, as they do for the ceilings.",
+            "Backlogs are written by 4 connections with 32 single-insert transactions pipelined each and `synchronous_commit = off` (same rows and WAL, no flush wait); each aggregate's events commit in order. For wal the slot exists before the backlog is written (`outbox-relay migrate`).",
+            "Drain time includes the relay's start-up (connections, leader lock, topic metadata); `steady events/s` excludes it. Completion is judged by the distinct event ids the consumer read (tansu's high watermarks can lag), never by offsets.",
+            "The relay ceiling is min(source ceiling, broker ceiling); the ceilings run alone, the drain runs source, relay, broker and consumer at once on 2 cores.",
+            "Kafka: topic created up front with 3 partitions; the consumer assigns them from the beginning. RabbitMQ: durable topic exchange and a durable queue bound with `#`, consumed with no-ack.",
+            "Footprint: VmHWM of /proc/<pid>/status and utime+stime of /proc/<pid>/stat of the relay process.",
+        ] {
+            let _ = writeln!(o, "- {line}");
+        }
+        for n in &self.notes {
+            let _ = writeln!(o, "- {n}");
+        }
+        o
+    }
+
+    /// Two panels (commit→consumer, relay commit→ack), log-scale ms over offered rate; one
+    /// colour per source → sink, one dash pattern per percentile.
+    pub fn svg(&self) -> String {
+        const W: f64 = 980.0;
+        const H: f64 = 460.0;
+        const PANEL_W: f64 = 400.0;
+        const PANEL_H: f64 = 300.0;
+        const TOP: f64 = 60.0;
+        let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+        let dashes = [("p50", ""), ("p99", "6 4"), ("p99.9", "2 3")];
+        let mut combos: Vec<String> = Vec::new();
+        for l in &self.latency {
+            if !combos.contains(&l.combo) {
+                combos.push(l.combo.clone());
+            }
+        }
+        let mut rates: Vec<u64> = self.latency.iter().map(|l| l.offered_per_sec).collect();
+        rates.sort_unstable();
+        rates.dedup();
+        type Pick = fn(&Latency) -> Option<[f64; 3]>;
+        let panels: [(&str, Pick); 2] = [
+            ("commit → consumer (measured per event)", |l| {
+                let p = &l.commit_to_consumer;
+                (p.samples > 0).then_some([p.p50_ms, p.p99_ms, p.p999_ms])
+            }),
+            ("commit → broker ack (relay histogram)", |l| {
+                l.commit_to_ack
+                    .as_ref()
+                    .map(|a| [a.p50_ms, a.p99_ms, a.p999_ms])
+            }),
+        ];
+        let values: Vec<f64> = self
+            .latency
+            .iter()
+            .flat_map(|l| {
+                panels
+                    .iter()
+                    .filter_map(|(_, f)| f(l))
+                    .flatten()
+                    .collect::<Vec<_>>()
+            })
+            .filter(|v| *v > 0.0)
+            .collect();
+        // Decades of the log axis, from the data (1 ms to 1 s when there is none).
+        let lo = values
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .clamp(0.01, 1e6)
+            .log10()
+            .floor();
+        let hi = values
+            .iter()
+            .copied()
+            .fold(0.0, f64::max)
+            .clamp(1.0, 1e6)
+            .log10()
+            .ceil()
+            .max(lo + 1.0);
+        let (lo, hi) = if values.is_empty() {
+            (0.0, 3.0)
+        } else {
+            (lo, hi)
+        };
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(o, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="24" text-anchor="middle" font-size="16">outbox-relay latency by offered rate ({} run, {} s per rate)</text>"#,
+            W / 2.0,
+            self.settings.mode,
+            self.settings.latency_secs
+        );
+        for (pi, (title, pick)) in panels.iter().enumerate() {
+            let x0 = 70.0 + pi as f64 * (PANEL_W + 90.0);
+            let y0 = TOP;
+            let x_of = |i: usize| {
+                if rates.len() <= 1 {
+                    x0 + PANEL_W / 2.0
+                } else {
+                    x0 + 40.0 + (PANEL_W - 80.0) * i as f64 / (rates.len() - 1) as f64
+                }
+            };
+            let y_of = |v: f64| {
+                let v = v.max(10f64.powf(lo)).log10();
+                y0 + PANEL_H - (v - lo) / (hi - lo) * PANEL_H
+            };
+            let _ = writeln!(
+                o,
+                r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{title}</text>"#,
+                x0 + PANEL_W / 2.0,
+                y0 - 10.0
+            );
+            let _ = writeln!(
+                o,
+                r##"<rect x="{x0}" y="{y0}" width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#444"/>"##
+            );
+            let mut e = lo as i32;
+            while e <= hi as i32 {
+                let v = 10f64.powi(e);
+                let y = y_of(v);
+                let _ = writeln!(
+                    o,
+                    r##"<line x1="{x0}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                    x0 + PANEL_W,
+                    x0 - 6.0,
+                    y + 4.0,
+                    if v >= 1.0 {
+                        format!("{v:.0} ms")
+                    } else {
+                        format!("{v} ms")
+                    }
+                );
+                e += 1;
+            }
+            for (i, r) in rates.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    r#"<text x="{:.1}" y="{}" text-anchor="middle">{r}/s</text>"#,
+                    x_of(i),
+                    y0 + PANEL_H + 18.0
+                );
+            }
+            let _ = writeln!(
+                o,
+                r#"<text x="{}" y="{}" text-anchor="middle">offered rate (events/s)</text>"#,
+                x0 + PANEL_W / 2.0,
+                y0 + PANEL_H + 36.0
+            );
+            for (ci, combo) in combos.iter().enumerate() {
+                let colour = colours[ci % colours.len()];
+                for (di, (_, dash)) in dashes.iter().enumerate() {
+                    let points: Vec<(f64, f64)> = rates
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(ri, r)| {
+                            let l = self
+                                .latency
+                                .iter()
+                                .find(|l| &l.combo == combo && l.offered_per_sec == *r)?;
+                            pick(l).map(|v| (x_of(ri), y_of(v[di])))
+                        })
+                        .collect();
+                    if points.is_empty() {
+                        continue;
+                    }
+                    let path: Vec<String> = points
+                        .iter()
+                        .map(|(x, y)| format!("{x:.1},{y:.1}"))
+                        .collect();
+                    let _ = writeln!(
+                        o,
+                        r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
+                        path.join(" ")
+                    );
+                    for (x, y) in points {
+                        let _ = writeln!(
+                            o,
+                            r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{colour}"/>"#
+                        );
+                    }
+                }
+            }
+        }
+        // Legend.
+        let ly = TOP + PANEL_H + 62.0;
+        for (ci, combo) in combos.iter().enumerate() {
+            let x = 70.0 + ci as f64 * 150.0;
+            let _ = writeln!(
+                o,
+                r#"<line x1="{x}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="3"/><text x="{}" y="{}">{combo}</text>"#,
+                x + 24.0,
+                colours[ci % colours.len()],
+                x + 30.0,
+                ly + 4.0
+            );
+        }
+        for (di, (name, dash)) in dashes.iter().enumerate() {
+            let x = 70.0 + di as f64 * 150.0;
+            let y = ly + 22.0;
+            let _ = writeln!(
+                o,
+                r##"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="#333" stroke-width="2" stroke-dasharray="{dash}"/><text x="{}" y="{}">{name}</text>"##,
+                x + 24.0,
+                x + 30.0,
+                y + 4.0
+            );
+        }
+        let _ = writeln!(o, "</svg>");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty() -> Report {
+        Report::new(
+            Machine::default(),
+            Settings {
+                mode: "quick".into(),
+                events: 1,
+                aggregates: 1,
+                payload_bytes: 512,
+                writers: 1,
+                rates: vec![],
+                latency_secs: 1,
+                commit_ceiling_secs: 1,
+                relay_env: vec![],
+                arguments: String::new(),
+            },
+            Ceilings::default(),
+            vec![],
+            vec![],
+            vec![],
+            0.0,
+        )
+    }
+
+    #[test]
+    fn a_report_without_latency_runs_still_renders() {
+        let r = empty();
+        assert!(r.svg().ends_with("</svg>\n"));
+        assert!(r.markdown().contains("## Targets"));
+    }
+
+    #[test]
+    fn chart_axis_spans_the_measured_values() {
+        let mut r = empty();
+        r.latency.push(Latency {
+            combo: "wal → kafka".into(),
+            offered_per_sec: 1000,
+            achieved_per_sec: 1000.0,
+            writer_max_behind_ms: 0.0,
+            committed: 1,
+            received: 1,
+            missing: 0,
+            commit_to_consumer: Percentiles::of(vec![2.0, 30.0, 450.0]),
+            insert_to_consumer: Percentiles::default(),
+            consumer_before_commit_returned: 0,
+            commit_to_ack: None,
+            peak_rss_mib: 1.0,
+            cpu_seconds: 1.0,
+        });
+        let svg = r.svg();
+        // p50 = 30 ms, p99 = p99.9 = 450 ms: decades 10 ms to 1000 ms.
+        assert!(
+            svg.contains(">10 ms<") && svg.contains(">1000 ms<"),
+            "{svg}"
+        );
+        assert!(!svg.contains(">1 ms<"), "{svg}");
+        assert!(svg.contains("<polyline"));
+    }
+}

@@ -1,0 +1,648 @@
+//! Configuration: a TOML file (`--config`) with every setting overridable from the environment.
+//!
+//! The env names of `DESIGN.md` (`DATABASE_URL`, `RELAY_SOURCE`, `RELAY_SINK`,
+//! `RELAY_KAFKA_BROKERS`, `RELAY_AMQP_URL`, `RELAY_HTTP_ADDR`) are fixed so a sidecar can be
+//! configured with env alone. Any other key is reachable as `RELAY_<SECTION>__<KEY>`, e.g.
+//! `RELAY_KAFKA__TOPIC` or `RELAY_OUTBOX__COLUMNS__AGGREGATE_ID`.
+//!
+//! Unknown keys in the file are errors (a typo must not silently fall back to a default), and
+//! [`Config::validate`] runs before anything connects, so a bad setting is one clear message.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::ident::{QualifiedName, validate_ident};
+use crate::template::Template;
+
+/// A value that must never appear in logs, errors or `status` output (passwords in URLs).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The real value, for handing to a client library. Never format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The URL with any password replaced by `***`, for messages.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL (and a `password=` pair of a
+/// key/value connection string) with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        // The password may hold `/`, `?` or `#` unencoded: the user info ends at the last `@`.
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|pair| {
+            if pair.to_ascii_lowercase().starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// The polling publisher: reads unpublished rows from the outbox table.
+    Poll,
+    /// Log tailing through a logical replication slot.
+    Wal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Kafka,
+    #[serde(alias = "amqp")]
+    Rabbitmq,
+}
+
+/// What happens to later events of an aggregate once one of its events is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadLetter {
+    /// Hold them back until the dead letter is retried or discarded: order is preserved.
+    Hold,
+    /// Keep publishing them: the aggregate's order has a gap where the dead letter was.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The service's Postgres (`DATABASE_URL`).
+    pub database_url: Secret,
+    pub source: SourceKind,
+    pub sink: SinkKind,
+    pub outbox: OutboxConfig,
+    pub poll: PollConfig,
+    pub wal: WalConfig,
+    pub delivery: DeliveryConfig,
+    pub kafka: KafkaConfig,
+    pub rabbitmq: RabbitmqConfig,
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: Secret::default(),
+            source: SourceKind::Poll,
+            sink: SinkKind::Kafka,
+            outbox: OutboxConfig::default(),
+            poll: PollConfig::default(),
+            wal: WalConfig::default(),
+            delivery: DeliveryConfig::default(),
+            kafka: KafkaConfig::default(),
+            rabbitmq: RabbitmqConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The outbox table, optionally schema-qualified (`billing.outbox`).
+    pub table: String,
+    /// The dead-letter table; defaults to `<table>_dead_letters` in the outbox's schema.
+    pub dead_letter_table: Option<String>,
+    pub columns: ColumnsConfig,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            dead_letter_table: None,
+            columns: ColumnsConfig::default(),
+        }
+    }
+}
+
+/// Column names of the outbox table. The last four are optional: a table without them works.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnsConfig {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub headers: String,
+    pub traceparent: String,
+    pub tracestate: String,
+    pub created_at: String,
+}
+
+impl Default for ColumnsConfig {
+    fn default() -> Self {
+        Self {
+            id: "id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            traceparent: "traceparent".into(),
+            tracestate: "tracestate".into(),
+            created_at: "created_at".into(),
+        }
+    }
+}
+
+impl ColumnsConfig {
+    /// `(setting name, column name)` of every configured column.
+    pub fn all(&self) -> [(&'static str, &str); 9] {
+        [
+            ("id", &self.id),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+            ("payload", &self.payload),
+            ("headers", &self.headers),
+            ("traceparent", &self.traceparent),
+            ("tracestate", &self.tracestate),
+            ("created_at", &self.created_at),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    /// Most events read and published in one round.
+    pub batch_size: usize,
+    /// Fallback poll when no NOTIFY arrives (NOTIFY wakes the relay at once).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long published events are kept for `replay` before the daemon deletes them.
+    /// `0s` deletes an event as soon as the broker confirmed it.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the daemon deletes published events older than `retention`.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    /// How often a standby instance tries to become the active one.
+    #[serde(with = "humantime_serde")]
+    pub standby_interval: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            interval: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            standby_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Log tailing (`RELAY_SOURCE=wal`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// Logical replication slot (pgoutput); default `outbox_relay_<table>`.
+    pub slot: Option<String>,
+    /// Publication on the outbox table (inserts only); default `outbox_relay_<table>`.
+    pub publication: Option<String>,
+    /// Create the slot on first run when it does not exist (`migrate` creates it too).
+    pub create_slot: bool,
+    /// Prefix of `pg_logical_emit_message(true, '<prefix>', '<json>')` events (table-less outbox).
+    pub message_prefix: String,
+    /// How often the confirmed position is reported to Postgres (well under
+    /// `wal_sender_timeout`, default 60 s).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: std::time::Duration,
+    /// How long to wait for a slot that another process still holds (a relay that just died)
+    /// before giving up with an error.
+    #[serde(with = "humantime_serde")]
+    pub slot_wait: std::time::Duration,
+    /// When a lost slot is repaired from the table, how far before the last confirmed commit
+    /// to start (covers transactions that began earlier and committed later).
+    #[serde(with = "humantime_serde")]
+    pub repair_margin: std::time::Duration,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            slot: None,
+            publication: None,
+            create_slot: true,
+            message_prefix: "outbox".into(),
+            status_interval: std::time::Duration::from_secs(1),
+            slot_wait: std::time::Duration::from_secs(30),
+            repair_margin: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+impl WalConfig {
+    fn default_name(table: &str) -> String {
+        let name = table.rsplit('.').next().unwrap_or(table);
+        let mut n = format!("outbox_relay_{name}").to_ascii_lowercase();
+        n.truncate(63);
+        n
+    }
+    pub fn slot_name(&self, table: &str) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| Self::default_name(table))
+    }
+    pub fn publication_name(&self, table: &str) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| Self::default_name(table))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Attempts for an event the broker refuses permanently before it is dead-lettered.
+    pub max_attempts: u32,
+    pub on_dead_letter: OnDeadLetter,
+    /// Backoff between retries of transient failures (broker down, Postgres restarting).
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// On SIGTERM/SIGINT, how long to wait for in-flight confirmations before exiting anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            on_dead_letter: OnDeadLetter::Hold,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers (`RELAY_KAFKA_BROKERS`).
+    pub brokers: String,
+    /// Topic template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
+    pub topic: String,
+    /// Create a missing topic instead of failing its events.
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// How long librdkafka keeps retrying one message before the relay sees a failure.
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// Extra librdkafka settings (`security.protocol`, `linger.ms`, ...), applied last.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "outbox.event.{aggregate_type}".into(),
+            create_topics: false,
+            partitions: 3,
+            replication_factor: 1,
+            message_timeout: Duration::from_secs(30),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitmqConfig {
+    /// `RELAY_AMQP_URL`.
+    pub url: Secret,
+    pub exchange: String,
+    /// Declare the (durable, topic) exchange at start-up; when false it must already exist.
+    pub declare_exchange: bool,
+    /// Routing key template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
+    pub routing_key: String,
+    /// How long to wait for a broker confirmation before counting the publish as failed.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Largest body the broker takes (RabbitMQ's `max_message_size`, 128 MiB by default);
+    /// larger events are dead-lettered instead of breaking the channel.
+    pub max_message_size: usize,
+}
+
+impl Default for RabbitmqConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "outbox".into(),
+            declare_exchange: true,
+            routing_key: "{aggregate_type}.{event_type}".into(),
+            confirm_timeout: Duration::from_secs(30),
+            max_message_size: 128 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz` (`RELAY_HTTP_ADDR`).
+    pub addr: String,
+}
+
+impl HttpConfig {
+    /// The address to serve on; `None` when set to `off` or empty.
+    pub fn enabled_addr(&self) -> Option<&str> {
+        let addr = self.addr.trim();
+        (!addr.is_empty() && !addr.eq_ignore_ascii_case("off")).then_some(addr)
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Env names fixed by DESIGN.md and the keys they set.
+const FIXED_ENV: [(&str, &str); 6] = [
+    ("DATABASE_URL", "database_url"),
+    ("RELAY_SOURCE", "source"),
+    ("RELAY_SINK", "sink"),
+    ("RELAY_KAFKA_BROKERS", "kafka.brokers"),
+    ("RELAY_AMQP_URL", "rabbitmq.url"),
+    ("RELAY_HTTP_ADDR", "http.addr"),
+];
+
+impl Config {
+    /// Defaults, then the file (if any), then the environment; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "config file `{}` does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        for (var, key) in FIXED_ENV {
+            figment = figment.merge(Env::raw().only(&[var]).map(move |_| key.into()));
+        }
+        figment = figment.merge(
+            Env::prefixed("RELAY_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let config: Config = figment
+            .extract()
+            .map_err(|e| Error::Config(describe_figment(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.database_url.is_empty() {
+            return bad(
+                "DATABASE_URL is not set; set it to the service's Postgres, e.g. postgres://relay@127.0.0.1:5432/app".into(),
+            );
+        }
+        crate::tls::PgTarget::parse(&self.database_url)?;
+        QualifiedName::parse(&self.outbox.table)
+            .map_err(|e| Error::Config(format!("outbox.table: {e}")))?;
+        if let Some(dl) = &self.outbox.dead_letter_table {
+            QualifiedName::parse(dl)
+                .map_err(|e| Error::Config(format!("outbox.dead_letter_table: {e}")))?;
+        }
+        for (setting, column) in self.outbox.columns.all() {
+            validate_ident(column)
+                .map_err(|e| Error::Config(format!("outbox.columns.{setting}: {e}")))?;
+        }
+        if self.source == SourceKind::Wal {
+            let slot = self.wal.slot_name(&self.outbox.table);
+            if slot.is_empty()
+                || !slot
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return bad(format!(
+                    "wal.slot `{slot}`: replication slot names may contain only lower-case letters, digits and `_`"
+                ));
+            }
+            let publication = self.wal.publication_name(&self.outbox.table);
+            validate_ident(&publication)
+                .map_err(|e| Error::Config(format!("wal.publication: {e}")))?;
+            // The server lower-cases `publication_names` when streaming starts.
+            if publication != publication.to_ascii_lowercase() {
+                return bad(format!(
+                    "wal.publication `{publication}`: use lower case (the replication protocol lower-cases publication names)"
+                ));
+            }
+            if self.wal.status_interval.is_zero() {
+                return bad("wal.status_interval must be greater than 0".into());
+            }
+        }
+        if self.poll.batch_size == 0 || self.poll.batch_size > 100_000 {
+            return bad(format!(
+                "poll.batch_size = {} is out of range; use 1..=100000",
+                self.poll.batch_size
+            ));
+        }
+        if self.poll.interval.is_zero() {
+            return bad("poll.interval must be greater than 0".into());
+        }
+        if self.delivery.max_attempts == 0 {
+            return bad("delivery.max_attempts must be at least 1".into());
+        }
+        if self.delivery.backoff_initial.is_zero()
+            || self.delivery.backoff_max < self.delivery.backoff_initial
+        {
+            return bad(
+                "delivery.backoff_initial must be > 0 and not above delivery.backoff_max".into(),
+            );
+        }
+        match self.sink {
+            SinkKind::Kafka => {
+                if self.kafka.brokers.trim().is_empty() {
+                    return bad(
+                        "RELAY_KAFKA_BROKERS is empty; set it to the bootstrap servers, e.g. 127.0.0.1:9092".into(),
+                    );
+                }
+                Template::parse(&self.kafka.topic)
+                    .map_err(|e| Error::Config(format!("kafka.topic: {e}")))?;
+                for guarded in [
+                    "acks",
+                    "enable.idempotence",
+                    "max.in.flight.requests.per.connection",
+                ] {
+                    if self.kafka.properties.contains_key(guarded) {
+                        return bad(format!(
+                            "kafka.properties.{guarded} cannot be changed: the relay's delivery guarantees depend on it (acks=all, idempotent producer)"
+                        ));
+                    }
+                }
+                if self.kafka.partitions < 1 {
+                    return bad("kafka.partitions must be at least 1".into());
+                }
+                if self.kafka.replication_factor < 1 {
+                    return bad("kafka.replication_factor must be at least 1".into());
+                }
+            }
+            SinkKind::Rabbitmq => {
+                let url = self.rabbitmq.url.expose();
+                if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                    return bad(format!(
+                        "RELAY_AMQP_URL `{}` must start with amqp:// or amqps://",
+                        self.rabbitmq.url.redacted()
+                    ));
+                }
+                if self.rabbitmq.exchange.is_empty() {
+                    return bad("rabbitmq.exchange must not be empty (the default exchange cannot route by template)".into());
+                }
+                Template::parse(&self.rabbitmq.routing_key)
+                    .map_err(|e| Error::Config(format!("rabbitmq.routing_key: {e}")))?;
+            }
+        }
+        if self.http.enabled_addr().is_some()
+            && self.http.addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "RELAY_HTTP_ADDR `{}` is not an address like 127.0.0.1:9464 (or `off`)",
+                self.http.addr
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn describe_figment(e: figment::Error) -> String {
+    use figment::error::Kind;
+    // figment names the key and the provider (file or env) of every error.
+    e.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            match &e.kind {
+                Kind::UnknownField(field, expected) => format!(
+                    "unknown key `{key}`{origin}; `{field}` is not one of: {}",
+                    expected.join(", ")
+                ),
+                Kind::UnknownVariant(value, expected) => format!(
+                    "`{key}` = `{value}` is not valid{origin}; use one of: {}",
+                    expected.join(", ")
+                ),
+                kind if key.is_empty() => format!("{kind}{origin}"),
+                kind => format!("`{key}`: {kind}{origin}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_url("postgres://relay:s3cret@db:5432/app"),
+            "postgres://relay:***@db:5432/app"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("postgres://db/app"), "postgres://db/app");
+        assert_eq!(
+            redact_url("postgres://u:pa/ss?w#x@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("host=db password=hunter2 user=x"),
+            "host=db password=*** user=x"
+        );
+    }
+
+    #[test]
+    fn secret_debug_never_shows_the_password() {
+        let s = Secret::new("postgres://u:topsecret@h/db");
+        assert!(!format!("{s:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn defaults_validate_once_database_url_is_set() {
+        let mut c = Config::default();
+        assert!(c.validate().is_err());
+        c.database_url = Secret::new("postgres://postgres@127.0.0.1/app");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_placeholder_in_topic_is_rejected() {
+        let mut c = Config {
+            database_url: Secret::new("postgres://postgres@127.0.0.1/app"),
+            ..Config::default()
+        };
+        c.kafka.topic = "x.{aggregatetype}".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.topic"), "{err}");
+        assert!(err.contains("aggregatetype"), "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+//! Errors of the library. The split that matters is transient (retry with backoff while the
+//! relay keeps running) versus permanent (stop with a clear message, or dead-letter the event).
+
+use std::fmt;
+
+/// A failure that stops a command or the daemon. `Display` is the one message a user sees.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Bad configuration or environment: fix the setting named in the message.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Postgres refused or lost a request. `transient` when retrying can help.
+    #[error("{context}: {detail}")]
+    Postgres {
+        context: String,
+        detail: String,
+        transient: bool,
+    },
+    /// The database is reachable but not set up as the relay needs (missing table, column,
+    /// privilege, ...). The message says how to fix it.
+    #[error("{0}")]
+    Setup(String),
+    /// The broker cannot be used (unreachable at start-up, refused credentials, missing exchange).
+    #[error("{0}")]
+    Broker(String),
+}
+
+impl Error {
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Postgres {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    /// Wraps a tokio-postgres error with what the relay was doing.
+    pub fn pg(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+        let transient = is_transient_pg(&e);
+        Error::Postgres {
+            context: context.into(),
+            detail: describe_pg(&e),
+            transient,
+        }
+    }
+}
+
+/// Connection-level failures and server-side conditions that go away by themselves (restart,
+/// failover, serialization conflicts) are transient; everything else needs a human.
+pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            // 08: connection exception, 57P0x: shutdown/crash, 40: rollback (serialization,
+            // deadlock), 53: insufficient resources, 55P03: lock not available.
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c.starts_with("40")
+                || c.starts_with("53")
+                || c == "55P03"
+        }
+        // No SQLSTATE: an I/O or protocol error talking to the server.
+        None => true,
+    }
+}
+
+/// The server's message with its detail and hint, or the client-side cause chain.
+pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    s
+}
+
+/// Whether a failed publish may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Broker down, timeout, connection lost, `nack`: retried with backoff, no attempt counted.
+    Transient,
+    /// The broker refuses this message (too large, unroutable, unknown topic): counted towards
+    /// `delivery.max_attempts`, then dead-lettered.
+    Permanent,
+}
+
+/// Why one event was not confirmed by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl PublishError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Transient,
+            message: message.into(),
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PublishError {}

@@ -1,0 +1,166 @@
+//! The event the relay moves: one committed outbox row (or, in wal mode, one decoded insert).
+
+/// One outbox event, as read from the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// The source's position of the event: `relay_seq` in poll mode. Used to confirm it.
+    pub seq: i64,
+    /// Event id (a UUID in the default schema); consumers deduplicate on it.
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// The payload JSON, as bytes.
+    pub payload: Vec<u8>,
+    /// Extra string headers from the row's `headers` column.
+    pub headers: Vec<(String, String)>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// `created_at` in milliseconds since the Unix epoch.
+    pub created_at_ms: Option<i64>,
+    /// Why the row cannot become a message (e.g. its `headers` are not a JSON object).
+    pub defect: Option<String>,
+}
+
+/// Headers every message carries (DESIGN.md), in this order, before the row's own headers.
+pub const STANDARD_HEADERS: [&str; 6] = [
+    "id",
+    "event_type",
+    "aggregate_type",
+    "aggregate_id",
+    "traceparent",
+    "tracestate",
+];
+
+impl OutboxEvent {
+    /// The message headers of DESIGN.md: the standard ones, then the row's `headers` (which
+    /// cannot override a standard one). `traceparent`/`tracestate` are the relay's publish
+    /// span's (see [`crate::telemetry::start_publish_span`]), not the writer's.
+    pub fn message_headers(
+        &self,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+    ) -> Vec<(&str, String)> {
+        let mut out = Vec::with_capacity(6 + self.headers.len());
+        out.push(("id", self.id.clone()));
+        out.push(("event_type", self.event_type.clone()));
+        out.push(("aggregate_type", self.aggregate_type.clone()));
+        out.push(("aggregate_id", self.aggregate_id.clone()));
+        if let Some(tp) = traceparent {
+            out.push(("traceparent", tp.to_string()));
+            if let Some(ts) = tracestate {
+                out.push(("tracestate", ts.to_string()));
+            }
+        }
+        for (k, v) in &self.headers {
+            if !STANDARD_HEADERS.contains(&k.as_str()) {
+                out.push((k.as_str(), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// The writer's trace id (from `traceparent`), for log lines.
+    pub fn trace_id(&self) -> &str {
+        self.traceparent
+            .as_deref()
+            .and_then(|tp| tp.split('-').nth(1))
+            .unwrap_or("")
+    }
+
+    /// Checks what the broker cannot check for us. An error here is permanent for this event.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(defect) = &self.defect {
+            return Err(defect.clone());
+        }
+        if self.aggregate_id.is_empty() {
+            return Err("aggregate_id is empty".into());
+        }
+        if self.aggregate_type.is_empty() {
+            return Err("aggregate_type is empty".into());
+        }
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&self.payload) {
+            return Err(format!("payload is not valid JSON: {e}"));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub fn for_tests(aggregate_type: &str, aggregate_id: &str, event_type: &str) -> Self {
+        Self {
+            seq: 1,
+            id: "0190a1c2-0000-7000-8000-000000000001".into(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload: b"{}".to_vec(),
+            headers: vec![],
+            traceparent: None,
+            tracestate: None,
+            created_at_ms: None,
+            defect: None,
+        }
+    }
+}
+
+/// Flattens the row's `headers` JSON object into string pairs; non-string values keep their
+/// JSON text. Anything but an object is an error.
+pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("headers are not valid JSON: {e}"))?;
+    match value {
+        serde_json::Value::Object(map) => Ok(map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect()),
+        serde_json::Value::Null => Ok(vec![]),
+        _ => Err("headers must be a JSON object of strings".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_follow_design_and_row_headers_cannot_override() {
+        let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
+        e.headers = vec![("id".into(), "evil".into()), ("tenant".into(), "t1".into())];
+        let h = e.message_headers(
+            Some("00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"),
+            Some("k=v"),
+        );
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("id").unwrap(), e.id);
+        assert_eq!(h.iter().filter(|(n, _)| *n == "id").count(), 1);
+        assert_eq!(get("tenant").unwrap(), "t1");
+        assert_eq!(get("tracestate").unwrap(), "k=v");
+        assert_eq!(
+            get("traceparent").unwrap(),
+            "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+        );
+    }
+
+    #[test]
+    fn trace_id_comes_from_the_writers_traceparent() {
+        let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
+        assert_eq!(e.trace_id(), "");
+        e.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        assert_eq!(e.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn invalid_payload_and_headers_are_reported() {
+        let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
+        e.payload = b"not json".to_vec();
+        assert!(e.validate().unwrap_err().contains("not valid JSON"));
+        assert!(parse_headers("[1]").is_err());
+        assert_eq!(
+            parse_headers(r#"{"a":"b","n":1}"#).unwrap(),
+            vec![("a".into(), "b".into()), ("n".into(), "1".into())]
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! outbox-relay: moves committed Postgres outbox rows to Kafka or RabbitMQ, at least once, in
+//! order per aggregate, carrying the writer's trace context. See `DESIGN.md` for the contracts.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod ident;
+pub mod metrics;
+pub mod ops;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod store;
+pub mod telemetry;
+pub mod template;
+pub mod tls;

@@ -1,0 +1,264 @@
+//! RabbitMQ sink (AMQP 0-9-1 through lapin).
+//!
+//! Publisher confirms (<https://www.rabbitmq.com/docs/confirms#publisher-confirms>) with every
+//! message of a batch in flight on one channel, so one aggregate's messages keep their order.
+//! Every message is `mandatory`: a `basic.return` (no queue bound for the routing key) comes
+//! before the `ack` and makes the publish a permanent failure, and a `nack` a transient one:
+//! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
+//! which the pipeline publishes again after the next `publish` has reconnected.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tracing::{info, warn};
+
+use super::Sink;
+use crate::config::RabbitmqConfig;
+use crate::error::{Error, PublishError};
+use crate::event::OutboxEvent;
+use crate::telemetry::{Destination, PublishSpan, start_publish_span};
+use crate::template::Template;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AmqpSink {
+    config: RabbitmqConfig,
+    routing_key: Template,
+    link: Option<(Connection, Channel)>,
+}
+
+impl AmqpSink {
+    /// Connects and declares (or checks) the exchange: an unreachable broker, wrong credentials
+    /// or a missing exchange are start-up errors.
+    pub async fn connect(config: &RabbitmqConfig) -> Result<Self, Error> {
+        let mut sink = Self {
+            config: config.clone(),
+            routing_key: Template::parse(&config.routing_key).map_err(Error::Config)?,
+            link: None,
+        };
+        sink.open().await.map_err(Error::Broker)?;
+        Ok(sink)
+    }
+
+    async fn open(&mut self) -> Result<&Channel, String> {
+        if let Some((conn, chan)) = &self.link
+            && conn.status().connected()
+            && chan.status().connected()
+        {
+            return Ok(&self.link.as_ref().expect("checked above").1);
+        }
+        self.link = None;
+        let url = &self.config.url;
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(url.expose(), ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| format!("cannot reach RabbitMQ at {}: connect timed out", url.redacted()))?
+        .map_err(|e| {
+            format!(
+                "cannot connect to RabbitMQ at {}: {e}; check RELAY_AMQP_URL (host, credentials, vhost)",
+                url.redacted()
+            )
+        })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("cannot open an AMQP channel: {e}"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+        let exchange = &self.config.exchange;
+        let passive = !self.config.declare_exchange;
+        channel
+            .exchange_declare(
+                exchange,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive,
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                if passive {
+                    format!(
+                        "RabbitMQ exchange `{exchange}` does not exist ({e}); create it, or set rabbitmq.declare_exchange = true"
+                    )
+                } else {
+                    format!(
+                        "cannot declare RabbitMQ exchange `{exchange}` as a durable topic exchange: {e}"
+                    )
+                }
+            })?;
+        info!(exchange, "connected to RabbitMQ");
+        self.link = Some((connection, channel));
+        Ok(&self.link.as_ref().expect("just set").1)
+    }
+}
+
+/// AMQP short strings (routing key, message id, type, header names) hold at most 255 bytes,
+/// and the broker closes the channel on a body above its `max_message_size`: such a message
+/// would fail forever, so it is refused here, permanently, before it breaks the channel.
+fn check_limits(
+    event: &OutboxEvent,
+    routing_key: &str,
+    max_body: usize,
+) -> Result<(), PublishError> {
+    let too_long = |what: &str, s: &str| {
+        (s.len() > 255).then(|| {
+            PublishError::permanent(format!(
+                "{what} is {} bytes; AMQP allows at most 255",
+                s.len()
+            ))
+        })
+    };
+    if let Some(e) = too_long("the routing key", routing_key)
+        .or_else(|| too_long("the event id", &event.id))
+        .or_else(|| too_long("the event type", &event.event_type))
+        .or_else(|| {
+            event
+                .headers
+                .iter()
+                .find_map(|(k, _)| too_long(&format!("header name `{k:.40}…`"), k))
+        })
+    {
+        return Err(e);
+    }
+    if event.payload.len() > max_body {
+        return Err(PublishError::permanent(format!(
+            "the payload is {} bytes, above rabbitmq.max_message_size ({max_body})",
+            event.payload.len()
+        )));
+    }
+    Ok(())
+}
+
+fn properties(event: &OutboxEvent, span: &PublishSpan) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (key, value) in
+        event.message_headers(span.traceparent.as_deref(), span.tracestate.as_deref())
+    {
+        headers.insert(ShortString::from(key), AMQPValue::LongString(value.into()));
+    }
+    let mut props = BasicProperties::default()
+        .with_message_id(event.id.as_str().into())
+        .with_type(event.event_type.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(ms) = event.created_at_ms {
+        props = props.with_timestamp((ms / 1000).max(0) as u64);
+    }
+    props
+}
+
+impl Sink for AmqpSink {
+    async fn publish(&mut self, events: &[&OutboxEvent]) -> Vec<Result<(), PublishError>> {
+        let exchange = self.config.exchange.clone();
+        let confirm_timeout = self.config.confirm_timeout;
+        let channel = match self.open().await {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                return events
+                    .iter()
+                    .map(|_| Err(PublishError::transient(e.clone())))
+                    .collect();
+            }
+        };
+        let mut confirms = Vec::with_capacity(events.len());
+        let mut broken: Option<String> = None;
+        for event in events {
+            if let Some(e) = &broken {
+                confirms.push(Err(PublishError::transient(e.clone())));
+                continue;
+            }
+            let routing_key = self.routing_key.render(event);
+            if let Err(e) = check_limits(event, &routing_key, self.config.max_message_size) {
+                confirms.push(Err(e));
+                continue;
+            }
+            let span = start_publish_span(
+                event,
+                &Destination {
+                    system: "rabbitmq",
+                    name: &exchange,
+                    routing_key: Some(&routing_key),
+                },
+            );
+            let sent = channel
+                .basic_publish(
+                    &exchange,
+                    &routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &event.payload,
+                    properties(event, &span),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => confirms.push(Ok((routing_key, confirm, span))),
+                Err(e) => {
+                    // Everything after a failed write fails too: keeps the aggregate's order.
+                    let msg = format!("AMQP publish failed: {e}");
+                    broken = Some(msg.clone());
+                    let error = PublishError::transient(msg);
+                    span.end(&Err(error.clone()));
+                    confirms.push(Err(error));
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(events.len());
+        for pending in confirms {
+            results.push(match pending {
+                Err(e) => Err(e),
+                Ok((routing_key, confirm, span)) => {
+                    let result = match tokio::time::timeout(confirm_timeout, confirm).await {
+                        Err(_) => Err(PublishError::transient(format!(
+                            "no publisher confirm from RabbitMQ within {confirm_timeout:?}"
+                        ))),
+                        Ok(Err(e)) => Err(PublishError::transient(format!(
+                            "connection lost before RabbitMQ confirmed: {e}"
+                        ))),
+                        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                        Ok(Ok(Confirmation::Ack(Some(returned))))
+                        | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
+                            Err(PublishError::permanent(format!(
+                                "RabbitMQ returned the message as unroutable: exchange `{exchange}` has no queue bound for routing key `{routing_key}` ({} {})",
+                                returned.reply_code, returned.reply_text
+                            )))
+                        }
+                        Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::transient(
+                            "RabbitMQ nacked the message (broker could not take it)",
+                        )),
+                        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::transient(
+                            "publisher confirms are not enabled on this channel",
+                        )),
+                    };
+                    span.end(&result);
+                    result
+                }
+            });
+        }
+        if results.iter().any(|r| r.is_err()) {
+            // Drop a link that failed so the next batch starts on a fresh channel.
+            if !channel.status().connected() {
+                warn!("AMQP channel closed; reconnecting on the next batch");
+                self.link = None;
+            }
+        }
+        results
+    }
+
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+}

@@ -1,0 +1,100 @@
+//! Sources: where events come from. `poll` reads the outbox table; `wal` (log tailing) will
+//! stream it from the WAL.
+//!
+//! The contract every source keeps:
+//! - `next_batch` returns events in outbox order (commit order for wal) and never skips a
+//!   committed event, however late it commits relative to its neighbours.
+//! - An event stays pending until `confirm` (broker confirmed it) or `dead_letter` was called
+//!   for it; after a crash everything unconfirmed is read again. Duplicates are possible, loss
+//!   is not.
+//! - `lead` makes this instance the only active relay of the outbox, or waits until it can be.
+
+pub mod pgoutput;
+pub mod poll;
+pub mod wal;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::OutboxEvent;
+use crate::store::{Outbox, PgConn};
+
+/// Waits until this instance holds the outbox's leader lock (both sources use it).
+/// `Ok(false)` when shut down first; an error when the connection is lost.
+pub(crate) async fn wait_for_lock(
+    conn: &PgConn,
+    outbox: &Outbox,
+    retry: Duration,
+    shutdown: &CancellationToken,
+) -> Result<bool, Error> {
+    let mut announced = false;
+    loop {
+        conn.ensure_open()?;
+        if outbox.try_lead(&conn.client).await? {
+            info!(outbox = %outbox.table.display(), "this instance is the active relay");
+            return Ok(true);
+        }
+        if !announced {
+            info!(outbox = %outbox.table.display(), "another relay is active; standing by");
+            announced = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(retry) => {}
+        }
+    }
+}
+
+pub trait Source: Send + Sized {
+    /// Connects and checks the outbox set-up. Errors here on the first attempt are fatal.
+    fn open(config: &Config) -> impl Future<Output = Result<Self, Error>> + Send;
+
+    /// Waits until this instance is the active relay. `Ok(false)` when shut down first.
+    fn lead(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Cancelled when this instance can no longer be the active relay (its connection, and
+    /// with it the leader lock, is gone).
+    fn leadership_lost(&self) -> CancellationToken;
+
+    /// Waits for events and returns up to `max` of them; empty only when shutting down.
+    fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;
+
+    /// The broker confirmed these events.
+    fn confirm(
+        &mut self,
+        events: &[&OutboxEvent],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The broker refused `event` permanently; returns the attempts counted so far.
+    fn record_failure(
+        &mut self,
+        event: &OutboxEvent,
+        error: &str,
+    ) -> impl Future<Output = Result<u32, Error>> + Send;
+
+    /// Stops cleanly at shutdown: reports the last confirmed position where that is separate
+    /// from confirming (wal), so a restart sends as little again as possible.
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Moves `event` to the dead-letter table; `hold` keeps its aggregate's later events back.
+    fn dead_letter(
+        &mut self,
+        event: &OutboxEvent,
+        error: &str,
+        attempts: u32,
+        hold: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}

@@ -1,0 +1,132 @@
+//! The polling publisher.
+//!
+//! Reads unpublished rows (`relay_published_at IS NULL`) in `relay_seq` order, in batches.
+//! It never keeps a "last seen" watermark: `relay_seq` is assigned at insert, so a transaction
+//! that started earlier can commit later with a smaller value; reading every unpublished row
+//! each round is what guarantees that such a row is never skipped.
+//!
+//! Wakes on LISTEN/NOTIFY (the trigger of `migrate` notifies at commit), with
+//! `poll.interval` as the fallback, so latency is milliseconds, not one interval.
+//!
+//! One active instance per outbox: a session-level advisory lock on the relay's connection.
+//! If the relay dies or its connection drops, Postgres releases the lock and a standby takes
+//! over at its next try (`poll.standby_interval`).
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::Source;
+use crate::config::{Config, PollConfig};
+use crate::error::Error;
+use crate::event::OutboxEvent;
+use crate::store::{Outbox, PgConn};
+
+pub struct PollSource {
+    conn: PgConn,
+    outbox: Outbox,
+    config: PollConfig,
+    last_cleanup: Instant,
+}
+
+impl PollSource {
+    async fn maybe_cleanup(&mut self) -> Result<(), Error> {
+        if self.config.retention.is_zero()
+            || self.last_cleanup.elapsed() < self.config.cleanup_interval
+        {
+            return Ok(());
+        }
+        self.last_cleanup = Instant::now();
+        let deleted = self
+            .outbox
+            .cleanup(&self.conn.client, self.config.retention)
+            .await?;
+        if deleted > 0 {
+            info!(deleted, retention = ?self.config.retention, "deleted published events past retention");
+        }
+        Ok(())
+    }
+}
+
+impl Source for PollSource {
+    async fn open(config: &Config) -> Result<Self, Error> {
+        let conn = PgConn::connect(&config.database_url).await?;
+        let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
+        outbox.listen(&conn.client).await?;
+        Ok(Self {
+            conn,
+            outbox,
+            config: config.poll.clone(),
+            last_cleanup: Instant::now(),
+        })
+    }
+
+    async fn lead(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
+        super::wait_for_lock(
+            &self.conn,
+            &self.outbox,
+            self.config.standby_interval,
+            shutdown,
+        )
+        .await
+    }
+
+    fn leadership_lost(&self) -> CancellationToken {
+        self.conn.closed_token()
+    }
+
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OutboxEvent>, Error> {
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(vec![]);
+            }
+            self.conn.ensure_open()?;
+            self.maybe_cleanup().await?;
+            // Drain a pending wake-up *before* reading, so a commit that lands after this read
+            // still wakes the wait below.
+            while self.conn.notifications.try_recv().is_ok() {}
+            let events = self.outbox.fetch_pending(&self.conn.client, max).await?;
+            if !events.is_empty() {
+                debug!(count = events.len(), "read pending events");
+                return Ok(events);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(vec![]),
+                _ = self.conn.notifications.recv() => {}
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+        }
+    }
+
+    async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        self.outbox
+            .confirm(&self.conn.client, &seqs, self.config.retention.is_zero())
+            .await
+    }
+
+    async fn record_failure(&mut self, event: &OutboxEvent, error: &str) -> Result<u32, Error> {
+        let attempts = self
+            .outbox
+            .record_failure(&self.conn.client, event.seq, error)
+            .await?;
+        Ok(attempts.max(0) as u32)
+    }
+
+    async fn dead_letter(
+        &mut self,
+        event: &OutboxEvent,
+        error: &str,
+        attempts: u32,
+        hold: bool,
+    ) -> Result<(), Error> {
+        self.outbox
+            .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
+            .await
+    }
+}

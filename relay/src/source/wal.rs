@@ -1,0 +1,1080 @@
+//! Log tailing: the outbox's inserts streamed from the WAL through a logical replication slot
+//! (pgoutput) and a publication on the outbox table (inserts only).
+//!
+//! ```text
+//!  Postgres ──Begin/Relation/Insert…/Commit──► decode ──► ready ──► handed out (in flight)
+//!     ▲                                                                   │ broker confirms
+//!     └──── flush LSN = end of the newest transaction whose events ◄──────┘
+//!           and all earlier ones are confirmed (or dead-lettered)
+//! ```
+//!
+//! - "Received" and "confirmed" positions are kept apart: the flush LSN reported to Postgres
+//!   only passes a transaction's commit once every event of it, and of every earlier
+//!   transaction, was confirmed by the broker. After a crash, streaming restarts from the
+//!   slot's confirmed position; unconfirmed events are sent again (duplicates, never loss).
+//! - Events are handed out as they arrive, so a transaction of 100,000 events is never held
+//!   whole in memory; when the broker is slow the relay stops reading and the replication
+//!   client's bounded buffer pushes back on the walsender, while status updates continue so
+//!   `wal_sender_timeout` does not fire.
+//! - When nothing is in flight, keepalives move the flush LSN to the server's WAL end, so an
+//!   idle outbox next to busy tables does not pin WAL.
+//! - `pg_logical_emit_message(true, '<prefix>', '<json>')` events are relayed too (a
+//!   table-less outbox).
+//! - One active relay: the same advisory lock as the polling publisher, then the slot itself
+//!   (Postgres lets only one process stream from a slot).
+//!
+//! Docs: <https://www.postgresql.org/docs/15/protocol-replication.html>,
+//! <https://www.postgresql.org/docs/15/logicaldecoding-explanation.html>.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use pgwire_replication::client::ReplicationEvent;
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Source;
+use super::pgoutput::{self, BYTEA_OID, Message, Relation, Value};
+use crate::config::{ColumnsConfig, Config};
+use crate::error::Error;
+use crate::event::{OutboxEvent, parse_headers};
+use crate::ident::QualifiedName;
+use crate::store::{Outbox, PgConn};
+use crate::tls::PgTarget;
+
+/// Fails unless the server can do logical decoding.
+pub async fn check_wal_level(client: &Client) -> Result<(), Error> {
+    let level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(|e| Error::pg("cannot read wal_level", e))?
+        .get(0);
+    if level != "logical" {
+        return Err(Error::Setup(format!(
+            "wal_level is `{level}`, but log tailing needs `logical`: run ALTER SYSTEM SET wal_level = logical and restart Postgres, or use RELAY_SOURCE=poll"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the pgoutput slot when missing; `true` if it was created.
+pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, Error> {
+    if slot_info(client, slot).await?.is_some() {
+        return Ok(false);
+    }
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::pg(format!("cannot create replication slot `{slot}`"), e))?;
+    info!(slot, "created logical replication slot");
+    Ok(true)
+}
+
+/// Bytes between the server's WAL position and the slot's confirmed one, and the WAL the slot
+/// retains; `None` when the slot does not exist.
+pub async fn slot_lag(client: &Client, slot: &str) -> Result<Option<(i64, i64)>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                    (pg_current_wal_lsn() - restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot read the replication slot's position", e))?;
+    Ok(row.map(|r| {
+        (
+            r.get::<_, Option<i64>>(0).unwrap_or(0),
+            r.get::<_, Option<i64>>(1).unwrap_or(0),
+        )
+    }))
+}
+
+struct SlotInfo {
+    plugin: Option<String>,
+    database: Option<String>,
+    active_pid: Option<i32>,
+    wal_status: Option<String>,
+    confirmed_flush: Option<String>,
+}
+
+async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, wal_status, confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot inspect replication slots", e))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        wal_status: r.get(3),
+        confirmed_flush: r.get(4),
+    }))
+}
+
+/// The checks of the issue, each with its fix: wal_level, REPLICATION privilege, publication
+/// present and covering the table with inserts, slot usable (created when allowed).
+async fn check_setup(client: &Client, config: &Config, table: &QualifiedName) -> Result<(), Error> {
+    check_wal_level(client).await?;
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot read the role's attributes", e))?;
+    let (role, can_replicate): (String, bool) = (row.get(0), row.get(1));
+    if !can_replicate {
+        return Err(Error::Setup(format!(
+            "role `{role}` may not use replication; grant it with ALTER ROLE {role} REPLICATION (or use RELAY_SOURCE=poll)"
+        )));
+    }
+    let publication = config.wal.publication_name(&config.outbox.table);
+    let pubinsert: Option<bool> = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot inspect publications", e))?
+        .map(|r| r.get(0));
+    match pubinsert {
+        None => {
+            return Err(Error::Setup(format!(
+                "publication `{publication}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish = 'insert')",
+                table.display()
+            )));
+        }
+        Some(false) => {
+            return Err(Error::Setup(format!(
+                "publication `{publication}` does not publish inserts; ALTER PUBLICATION {publication} SET (publish = 'insert')"
+            )));
+        }
+        Some(true) => {}
+    }
+    let covered = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema_or_public(), &table.name],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot inspect publication tables", e))?
+        .is_some();
+    if !covered {
+        return Err(Error::Setup(format!(
+            "publication `{publication}` does not cover table `{}`; ALTER PUBLICATION {publication} ADD TABLE {}, or run `outbox-relay migrate` with RELAY_SOURCE=wal",
+            table.display(),
+            table.display()
+        )));
+    }
+    let slot = config.wal.slot_name(&config.outbox.table);
+    // A missing or invalidated slot is handled by the active instance (`prepare_slot`).
+    let Some(info) = slot_info(client, &slot).await? else {
+        return Ok(());
+    };
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::Setup(format!(
+            "replication slot `{slot}` uses plugin `{}`, not pgoutput; drop it or set wal.slot to another name",
+            info.plugin.unwrap_or_default()
+        )));
+    }
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| Error::pg("cannot read the database name", e))?
+        .get(0);
+    if info.database.as_deref() != Some(db.as_str()) {
+        return Err(Error::Setup(format!(
+            "replication slot `{slot}` belongs to database `{}`, not `{db}`; set wal.slot to a slot of this database",
+            info.database.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Only refused credentials are final here: a slot that was dropped or invalidated while
+/// streaming is repaired on reconnect (`prepare_slot`), and a missing publication is reported
+/// by the set-up checks of that reconnect.
+fn replication_error(e: PgWireError) -> Error {
+    let text = e.to_string();
+    // Refused credentials or rights (SQLSTATE 28xxx, 42xxx) will not fix themselves.
+    let permanent = matches!(e, PgWireError::Auth(_))
+        || (matches!(e, PgWireError::Server(_))
+            && (text.contains("(SQLSTATE 28") || text.contains("(SQLSTATE 42")));
+    Error::Postgres {
+        context: "logical replication failed".into(),
+        detail: text,
+        transient: !permanent,
+    }
+}
+
+/// Column positions of the outbox table in its Relation message.
+#[derive(Debug, Clone)]
+struct ColumnMap {
+    id: usize,
+    aggregate_type: usize,
+    aggregate_id: usize,
+    event_type: usize,
+    payload: usize,
+    payload_bytea: bool,
+    headers: Option<usize>,
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
+    created_at: Option<usize>,
+}
+
+impl ColumnMap {
+    fn new(rel: &Relation, c: &ColumnsConfig) -> Result<Self, Error> {
+        let find = |name: &str| rel.columns.iter().position(|col| col.name == name);
+        let need = |setting: &str, name: &str| {
+            find(name).ok_or_else(|| {
+                Error::Setup(format!(
+                    "the replicated table `{}.{}` has no column `{name}` (outbox.columns.{setting})",
+                    rel.namespace, rel.name
+                ))
+            })
+        };
+        let payload = need("payload", &c.payload)?;
+        Ok(Self {
+            id: need("id", &c.id)?,
+            aggregate_type: need("aggregate_type", &c.aggregate_type)?,
+            aggregate_id: need("aggregate_id", &c.aggregate_id)?,
+            event_type: need("event_type", &c.event_type)?,
+            payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            payload,
+            headers: find(&c.headers),
+            traceparent: find(&c.traceparent),
+            tracestate: find(&c.tracestate),
+            created_at: find(&c.created_at),
+        })
+    }
+
+    fn event(&self, seq: i64, values: &[Value]) -> OutboxEvent {
+        let text = |i: usize| match values.get(i) {
+            Some(Value::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        };
+        let opt = |i: Option<usize>| i.and_then(text);
+        let mut defect = None;
+        let payload = match values.get(self.payload) {
+            Some(Value::Text(b)) if self.payload_bytea => pgoutput::bytea_from_text(b)
+                .unwrap_or_else(|e| {
+                    defect = Some(e);
+                    Vec::new()
+                }),
+            Some(Value::Text(b)) => b.clone(),
+            _ => Vec::new(),
+        };
+        let headers = match opt(self.headers) {
+            Some(h) => parse_headers(&h).unwrap_or_else(|e| {
+                defect.get_or_insert(e);
+                vec![]
+            }),
+            None => vec![],
+        };
+        OutboxEvent {
+            seq,
+            id: text(self.id).unwrap_or_default(),
+            aggregate_type: text(self.aggregate_type).unwrap_or_default(),
+            aggregate_id: text(self.aggregate_id).unwrap_or_default(),
+            event_type: text(self.event_type).unwrap_or_default(),
+            payload,
+            headers,
+            traceparent: opt(self.traceparent),
+            tracestate: opt(self.tracestate),
+            created_at_ms: opt(self.created_at).and_then(|t| pgoutput::timestamptz_millis(&t)),
+            defect,
+        }
+    }
+}
+
+/// The JSON of a `pg_logical_emit_message` event: the same fields as a row.
+#[derive(Debug, serde::Deserialize)]
+struct EmittedEvent {
+    id: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    event_type: Option<String>,
+    payload: Option<serde_json::Value>,
+    #[serde(default)]
+    headers: Option<serde_json::Value>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+fn emitted_event(seq: i64, lsn: Lsn, content: &[u8]) -> OutboxEvent {
+    let fallback_id = format!("lsn-{lsn}");
+    match serde_json::from_slice::<EmittedEvent>(content) {
+        Ok(m) => {
+            let mut defect = None;
+            let headers = match m.headers {
+                Some(h) => parse_headers(&h.to_string()).unwrap_or_else(|e| {
+                    defect = Some(e);
+                    vec![]
+                }),
+                None => vec![],
+            };
+            if m.id.is_none() {
+                defect = Some("emitted message has no `id`".into());
+            }
+            OutboxEvent {
+                seq,
+                id: m.id.unwrap_or(fallback_id),
+                aggregate_type: m.aggregate_type.unwrap_or_default(),
+                aggregate_id: m.aggregate_id.unwrap_or_default(),
+                event_type: m.event_type.unwrap_or_default(),
+                payload: m
+                    .payload
+                    .map(|p| p.to_string().into_bytes())
+                    .unwrap_or_default(),
+                headers,
+                traceparent: m.traceparent,
+                tracestate: m.tracestate,
+                created_at_ms: None,
+                defect,
+            }
+        }
+        Err(e) => OutboxEvent {
+            seq,
+            id: fallback_id,
+            aggregate_type: String::new(),
+            aggregate_id: String::new(),
+            event_type: String::new(),
+            payload: content.to_vec(),
+            headers: vec![],
+            traceparent: None,
+            tracestate: None,
+            created_at_ms: None,
+            defect: Some(format!("emitted message is not an event JSON object: {e}")),
+        },
+    }
+}
+
+/// A transaction whose events are in flight.
+#[derive(Debug)]
+struct Txn {
+    id: u64,
+    /// Commit time, ms since the Unix epoch (saved with the progress).
+    commit_ms: i64,
+    /// Set at Commit: the position to confirm once `outstanding` reaches 0.
+    end_lsn: Option<Lsn>,
+    outstanding: usize,
+}
+
+pub struct WalSource {
+    conn: PgConn,
+    outbox: Outbox,
+    config: Config,
+    slot: String,
+    publication: String,
+    repl: Option<ReplicationClient>,
+    relations: HashMap<u32, Option<ColumnMap>>,
+    txns: VecDeque<Txn>,
+    next_txn: u64,
+    open_txn: Option<u64>,
+    event_txn: HashMap<i64, u64>,
+    ready: VecDeque<OutboxEvent>,
+    /// Handed to the pipeline and not yet confirmed or dead-lettered: sent again first.
+    handed: BTreeMap<i64, OutboxEvent>,
+    attempts: HashMap<i64, u32>,
+    held: HashSet<(String, String)>,
+    held_loaded: Instant,
+    next_seq: i64,
+    confirmed: Lsn,
+    confirmed_commit_ms: i64,
+    saved: Lsn,
+    progress_saved_at: Instant,
+    last_cleanup: Instant,
+    /// A repair in progress: rows created since `from`, read after `cursor`.
+    backfill: Option<Backfill>,
+}
+
+/// Publishing the rows of a lost slot's gap from the table.
+#[derive(Debug)]
+struct Backfill {
+    from: String,
+    cursor: (String, String),
+    published: u64,
+}
+
+impl Backfill {
+    fn new(from: String) -> Self {
+        Self {
+            from,
+            cursor: ("-infinity".into(), "(0,0)".into()),
+            published: 0,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Postgres timestamps in the protocol count microseconds from 2000-01-01.
+fn pg_epoch_micros_to_unix_ms(micros: i64) -> i64 {
+    (micros + 946_684_800_000_000) / 1000
+}
+
+impl WalSource {
+    fn replication_config(&self, start: Lsn) -> Result<ReplicationConfig, Error> {
+        let target = PgTarget::parse(&self.config.database_url)?;
+        let pg = &target.config;
+        if pg.get_hosts().len() > 1 {
+            return Err(Error::Config(
+                "DATABASE_URL names several hosts; log tailing streams from one server: name the primary only".into(),
+            ));
+        }
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let password = pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        Ok(ReplicationConfig::new(
+            host,
+            pg.get_user().unwrap_or("postgres"),
+            password,
+            pg.get_dbname().unwrap_or("postgres"),
+            self.slot.clone(),
+            self.publication.clone(),
+        )
+        .with_port(port)
+        .with_tls(target.replication_tls())
+        .with_start_lsn(start)
+        .with_status_interval(self.config.wal.status_interval)
+        .with_wakeup_interval(Duration::from_secs(10))
+        .with_buffer_size(4096)
+        .with_application_name("outbox-relay")
+        // Makes `feedback_pending_since` report whether the newest position reached Postgres.
+        .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}))
+        // Text values in a fixed form, whatever the server's defaults.
+        .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3"))
+    }
+
+    /// Makes the slot usable; only the active instance does this. A slot that is missing or
+    /// invalidated although it was streamed before (its progress is saved) is recreated, and
+    /// the events of the gap — rows created since the last confirmed commit, minus
+    /// `wal.repair_margin` — are published from the table before streaming resumes. The repair
+    /// is recorded first, so a crash in the middle repeats it (duplicates, no gap).
+    async fn prepare_slot(&mut self) -> Result<(), Error> {
+        let client = &self.conn.client;
+        let slot = self.slot.clone();
+        let info = slot_info(client, &slot).await?;
+        let progress = self.outbox.load_progress(client, &slot).await?;
+        let lost = info
+            .as_ref()
+            .is_some_and(|i| i.wal_status.as_deref() == Some("lost"));
+        if info.is_some() && !lost {
+            if let Some((_, _, Some(from))) = progress {
+                info!(
+                    slot,
+                    from, "resuming the unfinished repair of the slot's gap"
+                );
+                self.backfill = Some(Backfill::new(from));
+            }
+            return Ok(());
+        }
+        if info.is_none() && progress.is_none() {
+            // First run: nothing was streamed from this slot before.
+            if !self.config.wal.create_slot {
+                return Err(Error::Setup(format!(
+                    "replication slot `{slot}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or set wal.create_slot = true"
+                )));
+            }
+            ensure_slot(client, &slot).await?;
+            return Ok(());
+        }
+        let why = if lost {
+            "was invalidated (its WAL was removed, e.g. by max_slot_wal_keep_size)"
+        } else {
+            "is missing (dropped, or the database was restored from a backup)"
+        };
+        if !self.outbox.can_backfill() {
+            return Err(Error::Setup(format!(
+                "replication slot `{slot}` {why}, and the outbox table has no `{}` column to read the gap back from: publish the missing events with `outbox-relay replay` or the polling source, then drop the progress row (DELETE FROM {}_relay_progress WHERE slot_name = '{slot}') to start afresh",
+                self.config.outbox.columns.created_at,
+                self.outbox.table.display()
+            )));
+        }
+        let margin = format!("{} milliseconds", self.config.wal.repair_margin.as_millis());
+        let from: String = match &progress {
+            Some((_, commit_time, _)) => client
+                .query_one(
+                    "SELECT ($1::text::timestamptz - $2::text::interval)::text",
+                    &[commit_time, &margin],
+                )
+                .await
+                .map_err(|e| Error::pg("cannot compute the repair's start", e))?
+                .get(0),
+            None => "-infinity".into(),
+        };
+        if progress.is_none() {
+            self.outbox
+                .save_progress(client, &slot, "0/0", now_ms())
+                .await?;
+        }
+        self.outbox.set_backfill(client, &slot, Some(&from)).await?;
+        if lost {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(|e| Error::pg(format!("cannot drop the invalidated slot `{slot}`"), e))?;
+        }
+        ensure_slot(client, &slot).await?;
+        warn!(
+            slot,
+            from,
+            "replication slot {why}: recreated it; publishing the outbox rows created since then from the table before streaming"
+        );
+        self.backfill = Some(Backfill::new(from));
+        Ok(())
+    }
+
+    /// The next rows of the repair, or `None` once it is complete (and recorded as such).
+    async fn next_backfill(&mut self, max: usize) -> Result<Option<Vec<OutboxEvent>>, Error> {
+        let Some(b) = &self.backfill else {
+            return Ok(None);
+        };
+        let rows = self
+            .outbox
+            .backfill(&self.conn.client, &b.from, &b.cursor, max)
+            .await?;
+        if rows.is_empty() {
+            let done = self.backfill.take().expect("checked above");
+            self.outbox
+                .set_backfill(&self.conn.client, &self.slot, None)
+                .await?;
+            info!(
+                slot = %self.slot,
+                published = done.published,
+                "repair of the slot's gap complete; streaming"
+            );
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        let b = self.backfill.as_mut().expect("checked above");
+        for (mut event, cursor) in rows {
+            event.seq = self.next_seq;
+            self.next_seq += 1;
+            b.cursor = cursor;
+            b.published += 1;
+            events.push(event);
+        }
+        Ok(Some(events))
+    }
+
+    /// Waits for the slot to be free (a relay that just died may still hold it briefly).
+    async fn wait_for_slot(&self, shutdown: &CancellationToken) -> Result<Lsn, Error> {
+        let deadline = Instant::now() + self.config.wal.slot_wait;
+        loop {
+            let info = slot_info(&self.conn.client, &self.slot)
+                .await?
+                .ok_or_else(|| {
+                    Error::Setup(format!(
+                        "replication slot `{}` was dropped; restart the relay to recreate it",
+                        self.slot
+                    ))
+                })?;
+            match info.active_pid {
+                None => {
+                    let lsn = info
+                        .confirmed_flush
+                        .as_deref()
+                        .and_then(|s| Lsn::parse(s).ok())
+                        .unwrap_or(Lsn(0));
+                    return Ok(lsn);
+                }
+                Some(pid) if Instant::now() >= deadline => {
+                    return Err(Error::Setup(format!(
+                        "replication slot `{}` is active in process {pid}; stop the other consumer of the slot (SELECT pg_terminate_backend({pid})) or set wal.slot to another name",
+                        self.slot
+                    )));
+                }
+                Some(pid) => {
+                    debug!(slot = %self.slot, pid, "slot still active; waiting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Lsn(0)),
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn txn_mut(&mut self, id: u64) -> Option<&mut Txn> {
+        let front = self.txns.front()?.id;
+        self.txns.get_mut((id - front) as usize)
+    }
+
+    fn begin_txn(&mut self, end_lsn: Option<Lsn>, commit_ms: i64) -> u64 {
+        let id = self.next_txn;
+        self.next_txn += 1;
+        self.txns.push_back(Txn {
+            id,
+            commit_ms,
+            end_lsn,
+            outstanding: 0,
+        });
+        id
+    }
+
+    fn enqueue(&mut self, event: OutboxEvent, txn: u64) {
+        if let Some(t) = self.txn_mut(txn) {
+            t.outstanding += 1;
+        }
+        self.event_txn.insert(event.seq, txn);
+        self.ready.push_back(event);
+    }
+
+    /// The event left flight (confirmed or dead-lettered): maybe move the flush LSN.
+    fn settle(&mut self, seq: i64) {
+        self.handed.remove(&seq);
+        self.attempts.remove(&seq);
+        if let Some(txn) = self.event_txn.remove(&seq)
+            && let Some(t) = self.txn_mut(txn)
+        {
+            t.outstanding = t.outstanding.saturating_sub(1);
+        }
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        let mut newest = None;
+        while let Some(front) = self.txns.front() {
+            match front.end_lsn {
+                Some(lsn) if front.outstanding == 0 => {
+                    newest = Some((lsn, front.commit_ms));
+                    self.txns.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if let Some((lsn, commit_ms)) = newest {
+            self.confirm_lsn(lsn, commit_ms);
+        }
+    }
+
+    fn confirm_lsn(&mut self, lsn: Lsn, commit_ms: i64) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            self.confirmed_commit_ms = commit_ms;
+            if let Some(repl) = &self.repl {
+                repl.update_applied_lsn(lsn);
+            }
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.txns.is_empty()
+            && self.open_txn.is_none()
+            && self.ready.is_empty()
+            && self.handed.is_empty()
+            && self.backfill.is_none()
+    }
+
+    fn handle(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                let id = self.begin_txn(None, pg_epoch_micros_to_unix_ms(commit_time_micros));
+                self.open_txn = Some(id);
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                if let Some(id) = self.open_txn.take()
+                    && let Some(t) = self.txn_mut(id)
+                {
+                    t.end_lsn = Some(end_lsn);
+                }
+                self.advance();
+            }
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)
+                .map_err(|e| Error::Setup(format!("cannot decode pgoutput: {e}")))?
+            {
+                Message::Relation(rel) => {
+                    let ours = rel.namespace == self.outbox.table.schema_or_public()
+                        && rel.name == self.outbox.table.name;
+                    let map = if ours {
+                        Some(ColumnMap::new(&rel, &self.config.outbox.columns)?)
+                    } else {
+                        None
+                    };
+                    self.relations.insert(rel.id, map);
+                }
+                Message::Insert { relation, values } => {
+                    let Some(Some(map)) = self.relations.get(&relation) else {
+                        return Ok(());
+                    };
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let event = map.event(seq, &values);
+                    let txn = match self.open_txn {
+                        Some(t) => t,
+                        None => {
+                            return Err(Error::Setup(
+                                "pgoutput Insert outside a transaction".into(),
+                            ));
+                        }
+                    };
+                    self.enqueue(event, txn);
+                }
+                Message::Other(_) => {}
+            },
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if prefix != self.config.wal.message_prefix {
+                    return Ok(());
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let event = emitted_event(seq, lsn, &content);
+                let txn = match (transactional, self.open_txn) {
+                    (true, Some(t)) => t,
+                    _ => self.begin_txn(Some(lsn), now_ms()),
+                };
+                self.enqueue(event, txn);
+            }
+            ReplicationEvent::KeepAlive {
+                wal_end,
+                server_time_micros,
+                ..
+            } => {
+                // Nothing in flight: everything up to the server's position is done, even if
+                // it was all other tables' changes. This is what keeps the slot moving.
+                // The server's clock, not ours: a repair starts from this time.
+                if self.idle() {
+                    self.confirm_lsn(wal_end, pg_epoch_micros_to_unix_ms(server_time_micros));
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn housekeeping(&mut self) -> Result<(), Error> {
+        if self.confirmed > self.saved
+            && self.progress_saved_at.elapsed() >= self.config.wal.status_interval
+        {
+            self.outbox
+                .save_progress(
+                    &self.conn.client,
+                    &self.slot,
+                    &self.confirmed.to_pg_string(),
+                    self.confirmed_commit_ms,
+                )
+                .await?;
+            self.saved = self.confirmed;
+            self.progress_saved_at = Instant::now();
+        }
+        if self.held_loaded.elapsed() > Duration::from_secs(5) {
+            self.held = self.outbox.held_aggregates(&self.conn.client).await?;
+            self.held_loaded = Instant::now();
+        }
+        let retention = self.config.poll.retention;
+        if !retention.is_zero() && self.last_cleanup.elapsed() >= self.config.poll.cleanup_interval
+        {
+            self.last_cleanup = Instant::now();
+            // Rows a repair of a lost slot might still need (created after the last confirmed
+            // commit minus the margin) are kept, whatever the retention.
+            let needed_for_repair =
+                Duration::from_millis((now_ms() - self.confirmed_commit_ms).max(0) as u64)
+                    + self.config.wal.repair_margin;
+            let deleted = self
+                .outbox
+                .cleanup(&self.conn.client, retention.max(needed_for_repair))
+                .await?;
+            if deleted > 0 {
+                info!(deleted, ?retention, "deleted outbox rows past retention");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Source for WalSource {
+    async fn open(config: &Config) -> Result<Self, Error> {
+        let conn = PgConn::connect(&config.database_url).await?;
+        let outbox = Outbox::inspect(&conn.client, &config.outbox, false).await?;
+        check_setup(&conn.client, config, &outbox.table).await?;
+        let held = outbox.held_aggregates(&conn.client).await?;
+        Ok(Self {
+            slot: config.wal.slot_name(&config.outbox.table),
+            publication: config.wal.publication_name(&config.outbox.table),
+            conn,
+            outbox,
+            config: config.clone(),
+            repl: None,
+            relations: HashMap::new(),
+            txns: VecDeque::new(),
+            next_txn: 0,
+            open_txn: None,
+            event_txn: HashMap::new(),
+            ready: VecDeque::new(),
+            handed: BTreeMap::new(),
+            attempts: HashMap::new(),
+            held,
+            held_loaded: Instant::now(),
+            next_seq: 1,
+            confirmed: Lsn(0),
+            confirmed_commit_ms: now_ms(),
+            saved: Lsn(0),
+            progress_saved_at: Instant::now(),
+            last_cleanup: Instant::now(),
+            backfill: None,
+        })
+    }
+
+    async fn lead(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
+        if !super::wait_for_lock(
+            &self.conn,
+            &self.outbox,
+            self.config.poll.standby_interval,
+            shutdown,
+        )
+        .await?
+        {
+            return Ok(false);
+        }
+        self.prepare_slot().await?;
+        let start = self.wait_for_slot(shutdown).await?;
+        if shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        let repl = ReplicationClient::connect(self.replication_config(start)?)
+            .await
+            .map_err(replication_error)?;
+        info!(slot = %self.slot, publication = %self.publication, start = %start, "streaming the outbox from the WAL");
+        self.confirmed = start;
+        // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
+        // repair would start) until a transaction really is.
+        self.saved = start;
+        if let Some((_, commit_time, _)) = self
+            .outbox
+            .load_progress(&self.conn.client, &self.slot)
+            .await?
+            && let Ok(row) = self
+                .conn
+                .client
+                .query_one(
+                    "SELECT (extract(epoch from $1::text::timestamptz) * 1000)::bigint",
+                    &[&commit_time],
+                )
+                .await
+        {
+            self.confirmed_commit_ms = row.get(0);
+        }
+        self.repl = Some(repl);
+        Ok(true)
+    }
+
+    fn leadership_lost(&self) -> CancellationToken {
+        self.conn.closed_token()
+    }
+
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OutboxEvent>, Error> {
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(vec![]);
+            }
+            self.conn.ensure_open()?;
+            self.housekeeping().await?;
+            // Events the pipeline did not settle last round go first, in order.
+            let mut batch: Vec<OutboxEvent> = self.handed.values().cloned().collect();
+            // A repair of a lost slot publishes the gap from the table before streaming.
+            if batch.is_empty() && self.backfill.is_some() {
+                match self.next_backfill(max).await? {
+                    Some(events) => {
+                        for e in &events {
+                            self.handed.insert(e.seq, e.clone());
+                        }
+                        batch = events;
+                    }
+                    None => continue,
+                }
+            }
+            while self.backfill.is_none() {
+                while batch.len() < max
+                    && let Some(e) = self.ready.pop_front()
+                {
+                    self.handed.insert(e.seq, e.clone());
+                    batch.push(e);
+                }
+                if batch.len() >= max {
+                    break;
+                }
+                let repl = self
+                    .repl
+                    .as_mut()
+                    .ok_or_else(|| Error::Setup("replication not started".into()))?;
+                let received = if batch.is_empty() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(vec![]),
+                        r = repl.recv() => r,
+                    }
+                } else {
+                    // Only what is already buffered: do not hold a batch back waiting.
+                    match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                };
+                match received.map_err(replication_error)? {
+                    Some(event) => {
+                        self.handle(event)?;
+                        // An idle outbox still moves the slot (keepalives): save that progress
+                        // and do the periodic chores while waiting.
+                        if batch.is_empty() {
+                            self.housekeeping().await?;
+                        }
+                    }
+                    None => {
+                        return Err(Error::Postgres {
+                            context: "logical replication stream ended".into(),
+                            detail: "the server closed it; reconnecting".into(),
+                            transient: true,
+                        });
+                    }
+                }
+            }
+            // Events of an aggregate held by a dead letter wait in the dead-letter table, in
+            // order, instead of pinning the slot.
+            // `outbox-relay dead-letters retry|discard` may have released an aggregate since
+            // the last reload: check the table before parking anything.
+            if batch.iter().any(|e| {
+                self.held
+                    .contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+            }) {
+                self.held = self.outbox.held_aggregates(&self.conn.client).await?;
+                self.held_loaded = Instant::now();
+            }
+            let mut out = Vec::with_capacity(batch.len());
+            for event in batch {
+                let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+                if self.held.contains(&key) {
+                    self.outbox
+                        .dead_letter(
+                            &self.conn.client,
+                            &event,
+                            "held: an earlier event of this aggregate is in the dead-letter table",
+                            0,
+                            true,
+                        )
+                        .await?;
+                    self.settle(event.seq);
+                } else {
+                    out.push(event);
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        let Some(repl) = self.repl.as_mut() else {
+            return;
+        };
+        // The worker reports positions every `status_interval`; wait for the last one so the
+        // next relay does not send the final second again.
+        let deadline = Instant::now() + self.config.wal.status_interval * 3;
+        while repl.feedback_pending_since().is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(e) = repl.shutdown().await {
+            debug!(error = %e, "replication stream did not close cleanly");
+        }
+        self.repl = None;
+    }
+
+    async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
+        for e in events {
+            self.settle(e.seq);
+        }
+        Ok(())
+    }
+
+    async fn record_failure(&mut self, event: &OutboxEvent, error: &str) -> Result<u32, Error> {
+        let n = self.attempts.entry(event.seq).or_insert(0);
+        *n += 1;
+        debug!(event_id = %event.id, attempts = *n, error, "publish refused");
+        Ok(*n)
+    }
+
+    async fn dead_letter(
+        &mut self,
+        event: &OutboxEvent,
+        error: &str,
+        attempts: u32,
+        hold: bool,
+    ) -> Result<(), Error> {
+        self.outbox
+            .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
+            .await?;
+        if hold {
+            self.held
+                .insert((event.aggregate_type.clone(), event.aggregate_id.clone()));
+        }
+        self.settle(event.seq);
+        Ok(())
+    }
+}
+
+impl Drop for WalSource {
+    fn drop(&mut self) {
+        if let Some(repl) = &self.repl {
+            repl.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emitted_message_becomes_an_event_or_a_defect() {
+        let ok = emitted_event(
+            1,
+            Lsn(42),
+            br#"{"id":"e1","aggregate_type":"wallet","aggregate_id":"w1","event_type":"CardAdded","payload":{"a":1},"headers":{"tenant":"t"}}"#,
+        );
+        assert_eq!(ok.id, "e1");
+        assert_eq!(ok.payload, br#"{"a":1}"#);
+        assert_eq!(ok.headers, vec![("tenant".to_string(), "t".to_string())]);
+        assert!(ok.validate().is_ok());
+        let bad = emitted_event(2, Lsn(43), b"not json");
+        assert!(bad.validate().is_err());
+        let no_id = emitted_event(
+            3,
+            Lsn(44),
+            br#"{"aggregate_type":"w","aggregate_id":"1","event_type":"E","payload":{}}"#,
+        );
+        assert!(no_id.validate().unwrap_err().contains("no `id`"));
+    }
+}

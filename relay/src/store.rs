@@ -1,0 +1,846 @@
+//! The relay's SQL: migrations, the shape of the configured outbox table, and the statements
+//! that read, confirm and dead-letter events.
+//!
+//! Every identifier comes from configuration, is validated by [`crate::ident`] and emitted
+//! quoted. The statements are built once, after the table has been inspected, so optional
+//! columns (`headers`, `traceparent`, `tracestate`, `created_at`) may simply be absent.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::{Config, OutboxConfig, Secret, SourceKind};
+use crate::error::{Error, describe_pg};
+use crate::event::{OutboxEvent, parse_headers};
+use crate::ident::{QualifiedName, quote};
+use crate::source::wal;
+use crate::tls::PgTarget;
+
+/// The migrations of `migrations/`, applied in order; each is idempotent.
+const MIGRATIONS: [(&str, &str); 6] = [
+    (
+        "0001_outbox",
+        include_str!("../../migrations/0001_outbox.sql"),
+    ),
+    (
+        "0002_bookkeeping",
+        include_str!("../../migrations/0002_bookkeeping.sql"),
+    ),
+    (
+        "0003_dead_letters",
+        include_str!("../../migrations/0003_dead_letters.sql"),
+    ),
+    (
+        "0004_notify",
+        include_str!("../../migrations/0004_notify.sql"),
+    ),
+    (
+        "0005_replays",
+        include_str!("../../migrations/0005_replays.sql"),
+    ),
+    (
+        "0006_wal_progress",
+        include_str!("../../migrations/0006_wal_progress.sql"),
+    ),
+];
+
+/// Migrations only the polling publisher needs; wal mode leaves an existing table untouched.
+const POLL_ONLY: [&str; 2] = ["0002_bookkeeping", "0004_notify"];
+
+/// First key of the two-key advisory locks the relay takes (ASCII "obxr").
+pub(crate) const LOCK_CLASS: i32 = 0x6f62_7872;
+
+/// A connection with its driver task. Notifications (LISTEN) arrive on `notifications`.
+pub struct PgConn {
+    pub client: Client,
+    pub notifications: tokio::sync::mpsc::Receiver<()>,
+    closed: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PgConn {
+    /// Connects with a 10 s connect timeout unless the URL sets one.
+    pub async fn connect(url: &Secret) -> Result<Self, Error> {
+        let target = PgTarget::parse(url)?;
+        let tls = target.connector()?;
+        let mut config = target.config;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("outbox-relay");
+        let (client, mut connection) = config.connect(tls).await.map_err(|e| {
+            Error::pg(
+                format!("cannot connect to Postgres at {}", url.redacted()),
+                e,
+            )
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let closed = CancellationToken::new();
+        let closed_flag = closed.clone();
+        let task = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = futures::StreamExt::next(&mut messages).await {
+                match message {
+                    // Coalesce: one pending wake-up is enough.
+                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                        let _ = tx.try_send(());
+                    }
+                    Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                        debug!(notice = %n.message(), "postgres notice")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %describe_pg(&e), "postgres connection lost");
+                        break;
+                    }
+                }
+            }
+            closed_flag.cancel();
+        });
+        Ok(Self {
+            client,
+            notifications: rx,
+            closed,
+            task,
+        })
+    }
+
+    /// A transient error once the connection is gone (and with it any session lock).
+    pub fn ensure_open(&self) -> Result<(), Error> {
+        if self.is_closed() {
+            return Err(Error::Postgres {
+                context: "lost the connection to Postgres".into(),
+                detail: "the leader lock went with it; reconnecting".into(),
+                transient: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// Cancelled when the connection ends (lost, or dropped).
+    pub fn closed_token(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.client.is_closed()
+    }
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        self.task.abort();
+        // The session (and any lock it held) ends with the connection.
+        self.closed.cancel();
+    }
+}
+
+/// Which optional columns the table has, and how its payload is stored.
+#[derive(Debug, Clone, Default)]
+struct Shape {
+    headers: bool,
+    traceparent: bool,
+    tracestate: bool,
+    created_at: bool,
+    payload_is_bytea: bool,
+}
+
+/// The configured outbox table, inspected, with its statements.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pub table: QualifiedName,
+    pub dead_letters: QualifiedName,
+    /// NOTIFY channel the trigger of `migrate` signals on.
+    pub channel: String,
+    /// Second key (hashed) of the leader lock; `status` looks for it in `pg_locks`.
+    pub(crate) lock_key: String,
+    fetch_sql: String,
+    confirm_sql: String,
+    delete_sql: String,
+    fail_sql: String,
+    past_retention: Option<String>,
+    cleanup_sql: Option<String>,
+    dead_letter_sql: String,
+    backfill_sql: Option<String>,
+    progress_load_sql: String,
+    progress_save_sql: String,
+    progress_backfill_sql: String,
+    held_sql: String,
+    pending_sql: Option<String>,
+    dead_letter_stats_sql: String,
+}
+
+/// What the observer reports about the outbox.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxStats {
+    /// Unpublished events (poll mode only: wal mode has no such bookkeeping).
+    pub pending: Option<i64>,
+    pub oldest_pending_secs: Option<f64>,
+    pub dead_letters: i64,
+    pub held_aggregates: i64,
+}
+
+fn names(cfg: &OutboxConfig) -> Result<(QualifiedName, QualifiedName), Error> {
+    let table = QualifiedName::parse(&cfg.table)
+        .map_err(|e| Error::Config(format!("outbox.table: {e}")))?;
+    let dead_letters = match &cfg.dead_letter_table {
+        Some(dl) => QualifiedName::parse(dl)
+            .map_err(|e| Error::Config(format!("outbox.dead_letter_table: {e}")))?,
+        None => table.sibling("_dead_letters"),
+    };
+    Ok((table, dead_letters))
+}
+
+fn channel_name(table: &QualifiedName) -> String {
+    let mut c =
+        format!("outbox_relay_{}_{}", table.schema_or_public(), table.name).to_ascii_lowercase();
+    c.truncate(63);
+    c
+}
+
+/// Creates or upgrades the outbox schema. Idempotent; serialised by an advisory lock so that
+/// two instances starting together do not race.
+///
+/// Poll mode: the table, the relay's bookkeeping columns, the dead-letter table and the NOTIFY
+/// trigger. Wal mode: the table (only if missing: an existing one is not altered), the
+/// dead-letter table, the publication and the replication slot.
+pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>, Error> {
+    let cfg = &config.outbox;
+    let wal = config.source == SourceKind::Wal;
+    let (table, dead_letters) = names(cfg)?;
+    let c = &cfg.columns;
+    let notify_function = table.sibling("_relay_notify");
+    let (replays, replay_items) = crate::ops::sql::replay_tables(&table);
+    let replacements: Vec<(&str, String)> = vec![
+        ("{{table}}", table.to_string()),
+        ("{{table_name}}", table.name.clone()),
+        ("{{dead_letters}}", dead_letters.to_string()),
+        ("{{dead_letters_name}}", dead_letters.name.clone()),
+        ("{{notify_function}}", notify_function.to_string()),
+        ("{{channel}}", channel_name(&table)),
+        ("{{replays}}", replays.to_string()),
+        (
+            "{{wal_progress}}",
+            table.sibling("_relay_progress").to_string(),
+        ),
+        ("{{replay_items}}", replay_items.to_string()),
+        ("{{id}}", quote(&c.id)),
+        ("{{aggregate_type}}", quote(&c.aggregate_type)),
+        ("{{aggregate_id}}", quote(&c.aggregate_id)),
+        ("{{event_type}}", quote(&c.event_type)),
+        ("{{payload}}", quote(&c.payload)),
+        ("{{headers}}", quote(&c.headers)),
+        ("{{traceparent}}", quote(&c.traceparent)),
+        ("{{tracestate}}", quote(&c.tracestate)),
+        ("{{created_at}}", quote(&c.created_at)),
+    ];
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::pg("migrate: cannot start a transaction", e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext('migrate'))",
+        &[&LOCK_CLASS],
+    )
+    .await
+    .map_err(|e| Error::pg("migrate: cannot take the migration lock", e))?;
+    for schema in [&table.schema, &dead_letters.schema].into_iter().flatten() {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+            .await
+            .map_err(|e| Error::pg(format!("migrate: cannot create schema `{schema}`"), e))?;
+    }
+    let mut applied = Vec::new();
+    for (name, sql) in MIGRATIONS {
+        if wal && POLL_ONLY.contains(&name) {
+            continue;
+        }
+        let mut sql = sql.to_string();
+        for (from, to) in &replacements {
+            sql = sql.replace(from, to);
+        }
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| Error::pg(format!("migration {name} failed"), e))?;
+        applied.push(name.to_string());
+    }
+    if wal {
+        let publication = config.wal.publication_name(&cfg.table);
+        ensure_publication(&tx, &publication, &table).await?;
+        applied.push(format!("publication {publication}"));
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::pg("migrate: commit failed", e))?;
+    if wal {
+        let slot = config.wal.slot_name(&cfg.table);
+        wal::check_wal_level(client).await?;
+        if wal::ensure_slot(client, &slot).await? {
+            applied.push(format!("created replication slot {slot}"));
+        }
+    }
+    Ok(applied)
+}
+
+/// Creates the publication (inserts only) or adds the table to an existing one.
+async fn ensure_publication(
+    tx: &tokio_postgres::Transaction<'_>,
+    publication: &str,
+    table: &QualifiedName,
+) -> Result<(), Error> {
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| Error::pg("migrate: cannot inspect publications", e))?
+        .is_some();
+    let sql = if !exists {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert')",
+            quote(publication)
+        )
+    } else if tx
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema_or_public(), &table.name],
+        )
+        .await
+        .map_err(|e| Error::pg("migrate: cannot inspect publication tables", e))?
+        .is_none()
+    {
+        format!("ALTER PUBLICATION {} ADD TABLE {table}", quote(publication))
+    } else {
+        return Ok(());
+    };
+    tx.batch_execute(&sql).await.map_err(|e| {
+        Error::pg(
+            format!("migrate: cannot set up publication `{publication}`"),
+            e,
+        )
+    })
+}
+
+impl Outbox {
+    /// Inspects the configured table and builds the statements. Fails with the fix when the
+    /// table, a required column or the relay's bookkeeping is missing.
+    pub async fn inspect(
+        client: &Client,
+        cfg: &OutboxConfig,
+        bookkeeping: bool,
+    ) -> Result<Self, Error> {
+        let (table, dead_letters) = names(cfg)?;
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&table.to_string()],
+            )
+            .await
+            .map_err(|e| Error::pg(format!("cannot inspect table `{}`", table.display()), e))?;
+        if rows.is_empty() {
+            return Err(Error::Setup(format!(
+                "the outbox table `{}` does not exist (or this role cannot see it); run `outbox-relay migrate` or set outbox.table",
+                table.display()
+            )));
+        }
+        let column_type = |name: &str| -> Option<String> {
+            rows.iter()
+                .find(|r| r.get::<_, String>(0) == name)
+                .map(|r| r.get::<_, String>(1))
+        };
+        let c = &cfg.columns;
+        for (setting, column) in c.all().into_iter().take(5) {
+            if column_type(column).is_none() {
+                return Err(Error::Setup(format!(
+                    "the outbox table `{}` has no column `{column}` (outbox.columns.{setting}); set outbox.columns.{setting} to the right column name",
+                    table.display()
+                )));
+            }
+        }
+        let required: &[&str] = if bookkeeping {
+            &[
+                "relay_seq",
+                "relay_published_at",
+                "relay_attempts",
+                "relay_last_error",
+            ]
+        } else {
+            &[]
+        };
+        for bookkeeping in required {
+            if column_type(bookkeeping).is_none() {
+                return Err(Error::Setup(format!(
+                    "the outbox table `{}` lacks the relay's column `{bookkeeping}`; run `outbox-relay migrate` (it adds the bookkeeping columns and changes nothing else)",
+                    table.display()
+                )));
+            }
+        }
+        let dl_exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&dead_letters.to_string()],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot inspect the dead-letter table", e))?
+            .get(0);
+        if !dl_exists {
+            return Err(Error::Setup(format!(
+                "the dead-letter table `{}` does not exist; run `outbox-relay migrate`",
+                dead_letters.display()
+            )));
+        }
+        let payload_type = column_type(&c.payload).unwrap_or_default();
+        if !["jsonb", "json", "text", "bytea"].contains(&payload_type.as_str())
+            && !payload_type.starts_with("character varying")
+        {
+            return Err(Error::Setup(format!(
+                "column `{}` of `{}` has type {payload_type}; the payload must be jsonb, json, text, varchar or bytea",
+                c.payload,
+                table.display()
+            )));
+        }
+        let shape = Shape {
+            headers: column_type(&c.headers).is_some(),
+            traceparent: column_type(&c.traceparent).is_some(),
+            tracestate: column_type(&c.tracestate).is_some(),
+            created_at: column_type(&c.created_at).is_some_and(|t| t.starts_with("timestamp")),
+            payload_is_bytea: payload_type == "bytea",
+        };
+        Ok(Self::build(table, dead_letters, cfg, &shape, bookkeeping))
+    }
+
+    fn build(
+        table: QualifiedName,
+        dead_letters: QualifiedName,
+        cfg: &OutboxConfig,
+        shape: &Shape,
+        bookkeeping: bool,
+    ) -> Self {
+        let c = &cfg.columns;
+        let col = |present: bool, name: &str, cast: &str, null: &str| {
+            if present {
+                format!("o.{}{cast}", quote(name))
+            } else {
+                null.to_string()
+            }
+        };
+        let payload = if shape.payload_is_bytea {
+            format!("o.{}", quote(&c.payload))
+        } else {
+            format!("convert_to(o.{}::text, 'UTF8')", quote(&c.payload))
+        };
+        let created_at = if shape.created_at {
+            format!(
+                "(extract(epoch from o.{}) * 1000)::bigint",
+                quote(&c.created_at)
+            )
+        } else {
+            "NULL::bigint".into()
+        };
+        // Wal mode's repair of a lost slot: rows created since $1, in creation order (ctid
+        // breaks ties inside one transaction), after the cursor ($2, $3).
+        let backfill_sql = shape.created_at.then(|| {
+            format!(
+                "SELECT 0::bigint, o.{id}::text, o.{at}::text, o.{ai}::text, o.{et}::text, {payload}, \
+                        {headers}, {tp}, {ts}, {created_at}, o.{ca}::text, o.ctid::text \
+                 FROM {table} o \
+                 WHERE o.{ca} >= $1::text::timestamptz \
+                   AND (o.{ca}, o.ctid) > ($2::text::timestamptz, $3::text::tid) \
+                 ORDER BY o.{ca}, o.ctid LIMIT $4",
+                id = quote(&c.id),
+                at = quote(&c.aggregate_type),
+                ai = quote(&c.aggregate_id),
+                et = quote(&c.event_type),
+                ca = quote(&c.created_at),
+                headers = col(shape.headers, &c.headers, "::text", "NULL::text"),
+                tp = col(shape.traceparent, &c.traceparent, "::text", "NULL::text"),
+                ts = col(shape.tracestate, &c.tracestate, "::text", "NULL::text"),
+            )
+        });
+        let progress = table.sibling("_relay_progress");
+        let fetch_sql = format!(
+            "SELECT o.relay_seq, o.{id}::text, o.{at}::text, o.{ai}::text, o.{et}::text, {payload}, \
+                    {headers}, {tp}, {ts}, {created_at} \
+             FROM {table} o \
+             WHERE o.relay_published_at IS NULL \
+               AND NOT EXISTS (SELECT 1 FROM {dl} d WHERE d.holds_aggregate \
+                   AND d.aggregate_type = o.{at}::text AND d.aggregate_id = o.{ai}::text) \
+             ORDER BY o.relay_seq LIMIT $1",
+            id = quote(&c.id),
+            at = quote(&c.aggregate_type),
+            ai = quote(&c.aggregate_id),
+            et = quote(&c.event_type),
+            headers = col(shape.headers, &c.headers, "::text", "NULL::text"),
+            tp = col(shape.traceparent, &c.traceparent, "::text", "NULL::text"),
+            ts = col(shape.tracestate, &c.tracestate, "::text", "NULL::text"),
+            dl = dead_letters,
+        );
+        // Rows whose replay window is over, `$1` being the retention: published that long ago
+        // (poll), or created that long ago (wal: a row's insert is in the WAL whether or not the
+        // row still exists, so deleting old rows never loses an event). The daemon's cleanup
+        // and `outbox-relay purge` both delete by this condition.
+        let past_retention = if bookkeeping {
+            Some("relay_published_at < now() - $1::text::interval".to_string())
+        } else if shape.created_at {
+            Some(format!(
+                "{} < now() - $1::text::interval",
+                quote(&c.created_at)
+            ))
+        } else {
+            None
+        };
+        Self {
+            channel: channel_name(&table),
+            lock_key: format!("outbox-relay:{}", table.display()),
+            confirm_sql: format!(
+                "UPDATE {table} SET relay_published_at = now() \
+                 WHERE relay_seq = ANY($1) AND relay_published_at IS NULL"
+            ),
+            delete_sql: format!("DELETE FROM {table} WHERE relay_seq = ANY($1)"),
+            fail_sql: format!(
+                "UPDATE {table} SET relay_attempts = relay_attempts + 1, relay_last_error = $2 \
+                 WHERE relay_seq = $1 RETURNING relay_attempts"
+            ),
+            cleanup_sql: past_retention.as_ref().map(|past| {
+                let key = if bookkeeping { "relay_seq" } else { "ctid" };
+                format!(
+                    "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} \
+                     WHERE {past} LIMIT {CLEANUP_BATCH})"
+                )
+            }),
+            past_retention,
+            // Poll mode moves the row (delete + insert in one statement); wal mode has no
+            // bookkeeping in the table and only records the event.
+            dead_letter_sql: format!(
+                "{remove}INSERT INTO {dead_letters} (event_id, relay_seq, aggregate_type, aggregate_id, \
+                     event_type, payload, headers, traceparent, tracestate, created_at, error, \
+                     attempts, holds_aggregate) \
+                 VALUES ($2, $1, $3, $4, $5, $6, $7, $8, $9, \
+                     to_timestamp($10::bigint / 1000.0), $11, $12, $13) \
+                 ON CONFLICT (event_id) DO UPDATE SET error = EXCLUDED.error, \
+                     attempts = EXCLUDED.attempts, holds_aggregate = EXCLUDED.holds_aggregate, \
+                     dead_at = now()",
+                remove = if bookkeeping {
+                    format!("WITH gone AS (DELETE FROM {table} WHERE relay_seq = $1) ")
+                } else {
+                    String::new()
+                },
+            ),
+            pending_sql: bookkeeping.then(|| {
+                format!(
+                    "SELECT count(*), EXTRACT(EPOCH FROM now() - min({created}))::float8 \
+                     FROM {table} WHERE relay_published_at IS NULL",
+                    created = if shape.created_at {
+                        quote(&c.created_at)
+                    } else {
+                        "NULL::timestamptz".into()
+                    }
+                )
+            }),
+            dead_letter_stats_sql: format!(
+                "SELECT count(*), count(DISTINCT (aggregate_type, aggregate_id)) FILTER (WHERE holds_aggregate) \
+                 FROM {dead_letters}"
+            ),
+            backfill_sql,
+            progress_load_sql: format!(
+                "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text FROM {progress} WHERE slot_name = $1"
+            ),
+            progress_save_sql: format!(
+                "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time) \
+                 VALUES ($1, $2::text::pg_lsn, to_timestamp($3::float8 / 1000)) \
+                 ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
+                     commit_time = EXCLUDED.commit_time, updated_at = now()"
+            ),
+            progress_backfill_sql: format!(
+                "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
+            ),
+            held_sql: format!(
+                "SELECT DISTINCT aggregate_type, aggregate_id FROM {dead_letters} WHERE holds_aggregate"
+            ),
+            fetch_sql,
+            table,
+            dead_letters,
+        }
+    }
+
+    /// Takes the session-level advisory lock that makes this instance the active relay of this
+    /// outbox. It is released when the connection ends, so a dead relay's lock frees itself.
+    pub async fn try_lead(&self, client: &Client) -> Result<bool, Error> {
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&LOCK_CLASS, &self.lock_key],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot take the leader lock", e))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn listen(&self, client: &Client) -> Result<(), Error> {
+        client
+            .batch_execute(&format!("LISTEN {}", quote(&self.channel)))
+            .await
+            .map_err(|e| Error::pg("cannot LISTEN for outbox notifications", e))
+    }
+
+    /// Up to `limit` unpublished events in outbox order, skipping held aggregates.
+    pub async fn fetch_pending(
+        &self,
+        client: &Client,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent>, Error> {
+        let rows = client
+            .query(&self.fetch_sql, &[&(limit as i64)])
+            .await
+            .map_err(|e| Error::pg("cannot read pending outbox events", e))?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    /// Marks events published (or deletes them when `delete` is set: retention 0).
+    pub async fn confirm(&self, client: &Client, seqs: &[i64], delete: bool) -> Result<(), Error> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let sql = if delete {
+            &self.delete_sql
+        } else {
+            &self.confirm_sql
+        };
+        client
+            .execute(sql, &[&seqs])
+            .await
+            .map_err(|e| Error::pg("cannot mark events published", e))?;
+        Ok(())
+    }
+
+    /// Counts a permanent failure; returns the attempts so far.
+    pub async fn record_failure(
+        &self,
+        client: &Client,
+        seq: i64,
+        error: &str,
+    ) -> Result<i32, Error> {
+        let row = client
+            .query_opt(&self.fail_sql, &[&seq, &error])
+            .await
+            .map_err(|e| Error::pg("cannot record a publish failure", e))?;
+        Ok(row.map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    /// Moves the event to the dead-letter table, in one statement.
+    pub async fn dead_letter(
+        &self,
+        client: &Client,
+        event: &OutboxEvent,
+        error: &str,
+        attempts: i32,
+        hold: bool,
+    ) -> Result<(), Error> {
+        let headers_json: Option<String> = if event.headers.is_empty() {
+            None
+        } else {
+            let map: serde_json::Map<String, serde_json::Value> = event
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            Some(serde_json::Value::Object(map).to_string())
+        };
+        client
+            .execute(
+                &self.dead_letter_sql,
+                &[
+                    &event.seq,
+                    &event.id,
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    &event.event_type,
+                    &String::from_utf8_lossy(&event.payload).into_owned(),
+                    &headers_json,
+                    &event.traceparent,
+                    &event.tracestate,
+                    &event.created_at_ms,
+                    &error,
+                    &attempts,
+                    &hold,
+                ],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot move an event to the dead-letter table", e))?;
+        crate::metrics::record_dead_letter();
+        tracing::warn!(
+            event_id = %event.id,
+            trace_id = event.trace_id(),
+            aggregate_type = %event.aggregate_type,
+            aggregate_id = %event.aggregate_id,
+            attempts,
+            hold,
+            error,
+            "moved event to the dead-letter table"
+        );
+        Ok(())
+    }
+
+    /// The condition on the outbox table (columns unqualified, `$1` the retention as an
+    /// interval, see [`retention_interval`]) that matches events whose replay window is over;
+    /// `None` when the table has no way to tell (wal mode without `created_at`).
+    pub fn past_retention(&self) -> Option<&str> {
+        self.past_retention.as_deref()
+    }
+
+    /// Deletes up to [`CLEANUP_BATCH`] published events older than `retention`; returns how
+    /// many.
+    pub async fn cleanup(&self, client: &Client, retention: Duration) -> Result<u64, Error> {
+        let Some(sql) = &self.cleanup_sql else {
+            return Ok(0);
+        };
+        let interval = retention_interval(retention);
+        client
+            .execute(sql, &[&interval])
+            .await
+            .map_err(|e| Error::pg("retention cleanup failed", e))
+    }
+
+    /// Pending events, oldest pending age, dead letters and held aggregates.
+    pub async fn stats(&self, client: &Client) -> Result<OutboxStats, Error> {
+        let mut stats = OutboxStats::default();
+        if let Some(sql) = &self.pending_sql {
+            let row = client
+                .query_one(sql, &[])
+                .await
+                .map_err(|e| Error::pg("cannot count pending events", e))?;
+            stats.pending = Some(row.get(0));
+            stats.oldest_pending_secs = row.get(1);
+        }
+        let row = client
+            .query_one(&self.dead_letter_stats_sql, &[])
+            .await
+            .map_err(|e| Error::pg("cannot count dead letters", e))?;
+        stats.dead_letters = row.get(0);
+        stats.held_aggregates = row.get(1);
+        Ok(stats)
+    }
+
+    /// Wal mode's saved position of `slot`: (confirmed LSN, commit time, unfinished repair's
+    /// start), times as text.
+    pub async fn load_progress(
+        &self,
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<(String, String, Option<String>)>, Error> {
+        let row = client
+            .query_opt(&self.progress_load_sql, &[&slot])
+            .await
+            .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    pub async fn save_progress(
+        &self,
+        client: &Client,
+        slot: &str,
+        lsn: &str,
+        commit_time_ms: i64,
+    ) -> Result<(), Error> {
+        client
+            .execute(
+                &self.progress_save_sql,
+                &[&slot, &lsn, &(commit_time_ms as f64)],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
+        Ok(())
+    }
+
+    /// Records (or with `None` clears) an unfinished repair starting at `from`.
+    pub async fn set_backfill(
+        &self,
+        client: &Client,
+        slot: &str,
+        from: Option<&str>,
+    ) -> Result<(), Error> {
+        client
+            .execute(&self.progress_backfill_sql, &[&slot, &from])
+            .await
+            .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
+        Ok(())
+    }
+
+    /// Whether rows can be read back by creation time (the table has `created_at`).
+    pub fn can_backfill(&self) -> bool {
+        self.backfill_sql.is_some()
+    }
+
+    /// Up to `limit` rows created since `from`, after the cursor `(created_at, ctid)`; each
+    /// with its cursor.
+    pub async fn backfill(
+        &self,
+        client: &Client,
+        from: &str,
+        after: &(String, String),
+        limit: usize,
+    ) -> Result<Vec<(OutboxEvent, (String, String))>, Error> {
+        let Some(sql) = &self.backfill_sql else {
+            return Ok(vec![]);
+        };
+        let rows = client
+            .query(sql, &[&from, &after.0, &after.1, &(limit as i64)])
+            .await
+            .map_err(|e| Error::pg("cannot read outbox rows to repair a lost slot", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (event_from_row(r), (r.get(10), r.get(11))))
+            .collect())
+    }
+
+    /// Aggregates held back by a dead letter, as `(aggregate_type, aggregate_id)`.
+    pub async fn held_aggregates(
+        &self,
+        client: &Client,
+    ) -> Result<std::collections::HashSet<(String, String)>, Error> {
+        let rows = client
+            .query(&self.held_sql, &[])
+            .await
+            .map_err(|e| Error::pg("cannot read held aggregates", e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+/// Most rows one [`Outbox::cleanup`] deletes, so a large backlog is deleted in short
+/// transactions.
+pub const CLEANUP_BATCH: u64 = 10_000;
+
+/// `retention` as the text of a Postgres interval, the `$1` of [`Outbox::past_retention`].
+pub fn retention_interval(retention: Duration) -> String {
+    format!("{} milliseconds", retention.as_millis())
+}
+
+/// Columns as selected by `fetch_sql`. NULLs in required columns become empty strings and are
+/// caught by [`OutboxEvent::validate`], so a bad row is dead-lettered, not a crash.
+fn event_from_row(row: &Row) -> OutboxEvent {
+    let text = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
+    let (headers, defect) = match row.get::<_, Option<String>>(6) {
+        Some(h) => match parse_headers(&h) {
+            Ok(h) => (h, None),
+            Err(e) => (vec![], Some(e)),
+        },
+        None => (vec![], None),
+    };
+    OutboxEvent {
+        seq: row.get(0),
+        id: text(1),
+        aggregate_type: text(2),
+        aggregate_id: text(3),
+        event_type: text(4),
+        payload: row.get::<_, Option<Vec<u8>>>(5).unwrap_or_default(),
+        headers,
+        traceparent: row.get(7),
+        tracestate: row.get(8),
+        created_at_ms: row.get(9),
+        defect,
+    }
+}

@@ -1,0 +1,240 @@
+//! Bad events and a failing database: each ends in a dead letter or a retry, never a panic,
+//! never a silent drop (see `docs/bad-input.md` for the whole catalogue).
+
+use std::time::Duration;
+
+use crate::support::*;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn dead_letters_of(db: &TestDb, table: &str) -> Vec<(String, String)> {
+    db.client()
+        .await
+        .query(
+            &format!("SELECT event_id, error FROM {table} ORDER BY position"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn dead_letters(db: &TestDb) -> Vec<(String, String)> {
+    dead_letters_of(db, "outbox_dead_letters").await
+}
+
+/// A hand-made outbox with text columns: payloads that are not JSON, a NULL aggregate id and
+/// headers that are not an object are dead-lettered at once; good rows flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_rows_are_dead_lettered_with_the_reason_and_good_ones_flow() {
+    let s = Scenario::of(
+        Mode::Poll,
+        Broker::Rabbitmq,
+        "[outbox]\ntable = \"raw_outbox\"\n",
+    )
+    .await;
+    let client = s.db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE raw_outbox (id uuid PRIMARY KEY, aggregate_type text, aggregate_id text, \
+             event_type text NOT NULL, payload text NOT NULL, headers text)",
+        )
+        .await
+        .unwrap();
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let rows = [
+        ("good-1", Some("a"), "{\"n\": 0}", None),
+        ("not-json", Some("b"), "this is not json", None),
+        ("null-agg", None, "{\"n\": 0}", None),
+        ("bad-headers", Some("c"), "{\"n\": 0}", Some("[1, 2]")),
+        (
+            "good-2",
+            Some("d"),
+            "{\"n\": 0}",
+            Some("{\"tenant\": \"acme\"}"),
+        ),
+    ];
+    let mut ids = std::collections::HashMap::new();
+    for (name, agg, payload, headers) in rows {
+        let id = uuid::Uuid::new_v4();
+        ids.insert(name, id.to_string());
+        client
+            .execute(
+                "INSERT INTO raw_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+                 VALUES ($1, 'wallet', $2, 'Happened', $3, $4)",
+                &[&id, &agg, &payload, &headers],
+            )
+            .await
+            .unwrap();
+    }
+    let good: Vec<Written> = ["good-1", "good-2"]
+        .iter()
+        .map(|n| Written {
+            id: ids[n].clone(),
+            aggregate_id: String::new(),
+            n: 0,
+        })
+        .collect();
+    let got = reader.read_until(&good, READ_TIMEOUT).await;
+    assert_eq!(tally(&good, &got).missing, 0);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            dead_letters_of(&s.db, "raw_outbox_dead_letters")
+                .await
+                .len()
+                == 3
+        })
+        .await,
+        "{:?}",
+        dead_letters_of(&s.db, "raw_outbox_dead_letters").await
+    );
+    let dl: std::collections::HashMap<String, String> =
+        dead_letters_of(&s.db, "raw_outbox_dead_letters")
+            .await
+            .into_iter()
+            .collect();
+    assert!(
+        dl[&ids["not-json"]].contains("payload is not valid JSON"),
+        "{dl:?}"
+    );
+    assert!(
+        dl[&ids["null-agg"]].contains("aggregate_id is empty"),
+        "{dl:?}"
+    );
+    assert!(
+        dl[&ids["bad-headers"]].contains("headers must be a JSON object"),
+        "{dl:?}"
+    );
+    let extra = reader.read_for(Duration::from_secs(1)).await;
+    assert_eq!(extra.len(), 2, "only the good rows were published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_kafka_topic_dead_letters_with_the_fix_when_topics_are_not_created() {
+    let mut s = Scenario::of(
+        Mode::Poll,
+        Broker::Kafka,
+        "[delivery]\nmax_attempts = 2\nbackoff_initial = \"50ms\"\n",
+    )
+    .await;
+    let topic_prefix = unique("missing");
+    s.extra_toml.push_str(&format!(
+        "[kafka]\ntopic = \"{topic_prefix}.{{aggregate_type}}\"\ncreate_topics = false\n"
+    ));
+    s.migrate();
+    let relay = s.start_relay();
+    write_events(&s.db.url, "wallet", 1, 1, 1).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await,
+        "{}",
+        relay.logs()
+    );
+    let dl = dead_letters(&s.db).await;
+    assert!(
+        dl[0]
+            .1
+            .contains(&format!("topic `{topic_prefix}.wallet` does not exist"))
+            && dl[0].1.contains("kafka.create_topics = true"),
+        "{dl:?}"
+    );
+}
+
+/// Postgres refuses to record progress (as on a full disk: SQLSTATE 53100): the relay keeps
+/// running, retries with backoff, and once Postgres recovers every event is there — the events
+/// sent meanwhile are duplicates, not losses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_error_from_postgres_is_retried_and_loses_nothing() {
+    let s = Scenario::of(
+        Mode::Poll,
+        Broker::Rabbitmq,
+        "[delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\n",
+    )
+    .await;
+    s.migrate();
+    let client = s.db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE disk (is_full boolean NOT NULL); INSERT INTO disk VALUES (true); \
+             CREATE FUNCTION pretend_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF (SELECT is_full FROM disk) THEN \
+               RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on device' USING ERRCODE = '53100'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER pretend_disk_full BEFORE UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION pretend_disk_full();",
+        )
+        .await
+        .unwrap();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let written = write_events(&s.db.url, "wallet", 10, 5, 2).await;
+    assert!(
+        relay
+            .wait_for_log("No space left on device", Duration::from_secs(30))
+            .await,
+        "{}",
+        relay.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        relay.exited().is_none(),
+        "the relay gave up: {}",
+        relay.logs()
+    );
+    client
+        .batch_execute("UPDATE disk SET is_full = false")
+        .await
+        .unwrap();
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &got);
+    eprintln!("disk full for ~2 s: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            pending_count(&s.db).await == 0
+        })
+        .await,
+        "progress never recorded after recovery"
+    );
+}
+
+/// An AMQP short string over 255 bytes would make the broker close the channel on every try:
+/// the event is dead-lettered instead, and other aggregates keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_type_too_long_for_amqp_is_dead_lettered_and_others_flow() {
+    let s = Scenario::of(
+        Mode::Poll,
+        Broker::Rabbitmq,
+        "[delivery]\nmax_attempts = 1\non_dead_letter = \"skip\"\n",
+    )
+    .await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let client = s.db.client().await;
+    let long_type = "T".repeat(300);
+    client
+        .execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             VALUES (gen_random_uuid(), 'wallet', 'long', $1, '{}')",
+            &[&long_type],
+        )
+        .await
+        .unwrap();
+    let written = write_events(&s.db.url, "wallet", 5, 2, 1).await;
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await
+    );
+    let dl = dead_letters(&s.db).await;
+    assert!(dl[0].1.contains("AMQP allows at most 255"), "{dl:?}");
+}

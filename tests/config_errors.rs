@@ -1,0 +1,251 @@
+//! Bad configuration and unreachable dependencies: one clear message, a non-zero exit, no
+//! panic, no secret in the output.
+
+use std::process::{Command, Stdio};
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+struct Case {
+    name: &'static str,
+    toml: &'static str,
+    env: Vec<(&'static str, String)>,
+    unset: Vec<&'static str>,
+    migrate_first: bool,
+    expect: &'static [&'static str],
+}
+
+fn case(name: &'static str, expect: &'static [&'static str]) -> Case {
+    Case {
+        name,
+        toml: "",
+        env: vec![],
+        unset: vec![],
+        migrate_first: true,
+        expect,
+    }
+}
+
+async fn check(c: Case, broker: Broker) {
+    let s = Scenario::with_toml(broker, c.toml).await;
+    if c.migrate_first {
+        s.migrate();
+    }
+    let stderr_path = std::env::temp_dir().join(unique("config_case"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(s.config_path())
+        .envs(s.env())
+        .envs(c.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        // A file, not a pipe: a pipe nobody reads would block a chatty child.
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    for var in &c.unset {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(40) {
+            let _ = child.kill();
+            panic!("{}: the relay kept running instead of failing", c.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = CommandOutput {
+        status: child.wait().unwrap(),
+        stdout: String::new(),
+        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(&stderr_path);
+    assert!(
+        !out.status.success(),
+        "{}: exit status {:?}",
+        c.name,
+        out.status
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "{}: panic: {}",
+        c.name,
+        out.stderr
+    );
+    let message: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("outbox-relay: error:"))
+        .collect();
+    assert_eq!(
+        message.len(),
+        1,
+        "{}: one error line expected: {}",
+        c.name,
+        out.stderr
+    );
+    for fragment in c.expect {
+        assert!(
+            message[0].contains(fragment),
+            "{}: `{fragment}` missing from: {}",
+            c.name,
+            message[0]
+        );
+    }
+    assert!(
+        !out.stderr.contains("s3cret"),
+        "{}: secret leaked: {}",
+        c.name,
+        out.stderr
+    );
+    eprintln!("{}: {}", c.name, message[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
+    let cases = vec![
+        Case {
+            toml: "[poll]\nbatchsize = 5\n",
+            migrate_first: false,
+            ..case(
+                "unknown key",
+                &["unknown key `poll.batchsize`", "batch_size"],
+            )
+        },
+        Case {
+            env: vec![("RELAY_SOURCE", "bogus".into())],
+            migrate_first: false,
+            ..case(
+                "bad source",
+                &["`source` = `bogus` is not valid", "poll, wal"],
+            )
+        },
+        Case {
+            toml: "[kafka]\ntopic = \"x.{aggregatetype}\"\n",
+            migrate_first: false,
+            ..case(
+                "unknown placeholder",
+                &["kafka.topic", "{aggregatetype}", "{aggregate_type}"],
+            )
+        },
+        Case {
+            unset: vec!["DATABASE_URL"],
+            ..case("no database url", &["DATABASE_URL is not set"])
+        },
+        Case {
+            env: vec![(
+                "DATABASE_URL",
+                "postgres://postgres:s3cret@127.0.0.1:5432/no_such_db".into(),
+            )],
+            ..case(
+                "database missing",
+                &["cannot connect to Postgres", "no_such_db", "does not exist"],
+            )
+        },
+        Case {
+            env: vec![(
+                "DATABASE_URL",
+                "postgres://postgres:s3cret@127.0.0.1:1/app".into(),
+            )],
+            ..case(
+                "postgres unreachable",
+                &["cannot connect to Postgres at postgres://postgres:***@127.0.0.1:1/app"],
+            )
+        },
+        Case {
+            migrate_first: false,
+            ..case(
+                "not migrated",
+                &["outbox", "does not exist", "outbox-relay migrate"],
+            )
+        },
+        Case {
+            // Through the generic env override, so `migrate` (run with the file) made the
+            // default table.
+            env: vec![("RELAY_OUTBOX__COLUMNS__AGGREGATE_ID", "aggregateid".into())],
+            ..case(
+                "wrong column mapping",
+                &["no column `aggregateid`", "outbox.columns.aggregate_id"],
+            )
+        },
+        Case {
+            toml: "[outbox]\ntable = \"outbox; drop table x\"\n",
+            migrate_first: false,
+            ..case(
+                "identifier injection",
+                &["outbox.table", "not a plain SQL identifier"],
+            )
+        },
+        Case {
+            toml: "[kafka.properties]\nacks = \"1\"\n",
+            migrate_first: false,
+            ..case(
+                "weakened acks",
+                &["kafka.properties.acks cannot be changed", "acks=all"],
+            )
+        },
+        Case {
+            env: vec![("RELAY_KAFKA_BROKERS", "127.0.0.1:1".into())],
+            ..case(
+                "kafka unreachable",
+                &["cannot reach Kafka at 127.0.0.1:1", "RELAY_KAFKA_BROKERS"],
+            )
+        },
+        Case {
+            env: vec![("RELAY_SOURCE", "wal".into())],
+            ..case(
+                "wal without its publication",
+                &[
+                    "publication `outbox_relay_outbox` does not exist",
+                    "RELAY_SOURCE=wal",
+                ],
+            )
+        },
+    ];
+    for c in cases {
+        check(c, Broker::Kafka).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rabbitmq_settings_give_one_clear_message() {
+    let cases = vec![
+        Case {
+            env: vec![(
+                "RELAY_AMQP_URL",
+                "amqp://guest:s3cret@127.0.0.1:5672/%2f".into(),
+            )],
+            ..case(
+                "wrong credentials",
+                &[
+                    "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:5672/%2f",
+                    "RELAY_AMQP_URL",
+                ],
+            )
+        },
+        Case {
+            env: vec![(
+                "RELAY_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            )],
+            ..case("rabbitmq unreachable", &["RabbitMQ", "127.0.0.1:1"])
+        },
+        Case {
+            toml: "[rabbitmq]\nexchange = \"no_such_exchange_for_relay\"\ndeclare_exchange = false\n",
+            ..case(
+                "exchange missing",
+                &[
+                    "exchange `no_such_exchange_for_relay` does not exist",
+                    "declare_exchange",
+                ],
+            )
+        },
+        Case {
+            env: vec![("RELAY_AMQP_URL", "http://127.0.0.1:5672".into())],
+            ..case("not an amqp url", &["RELAY_AMQP_URL", "amqp://"])
+        },
+    ];
+    for c in cases {
+        check(c, Broker::Rabbitmq).await;
+    }
+}

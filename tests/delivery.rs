@@ -1,0 +1,486 @@
+//! Delivery: every committed event arrives, in order per aggregate, shaped as DESIGN.md says;
+//! rolled-back events never do; crashes, standbys, late commits and poison events lose nothing.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(90);
+
+for_both_sources! {
+    kafka_gets_every_event_in_aggregate_order_with_headers_and_keys => |m| delivers_every_event_in_aggregate_order(m, Broker::Kafka);
+    rabbitmq_gets_every_event_in_aggregate_order_with_properties => |m| delivers_every_event_in_aggregate_order(m, Broker::Rabbitmq);
+    relay_killed_with_sigkill_mid_stream_loses_nothing_kafka => |m| relay_killed_mid_stream_loses_nothing(m, Broker::Kafka);
+    relay_killed_with_sigkill_mid_stream_loses_nothing_rabbitmq => |m| relay_killed_mid_stream_loses_nothing(m, Broker::Rabbitmq);
+    standby_relay_takes_over_within_seconds_after_the_active_one_is_killed => standby_takes_over;
+    rolled_back_transactions_events_are_never_published => rolled_back_events_are_never_published;
+    a_transaction_that_commits_after_later_ones_is_not_skipped => late_commit_is_not_skipped;
+    sigterm_waits_for_confirmations_and_exits_zero => sigterm_exits_zero;
+    unroutable_event_is_dead_lettered_and_holds_its_aggregate_while_others_flow => unroutable_event_holds_its_aggregate;
+    oversized_kafka_message_is_dead_lettered_and_skip_mode_lets_its_aggregate_flow => oversized_message_skip_mode;
+    debezium_style_table_is_relayed_through_mapped_columns => debezium_table;
+}
+
+/// Checks the message contract of DESIGN.md on every received message.
+fn assert_message_contract(received: &[Received], expected: &[Written], broker: Broker) {
+    let by_id: std::collections::HashMap<&str, &Written> =
+        expected.iter().map(|w| (w.id.as_str(), w)).collect();
+    for r in received {
+        let w = by_id
+            .get(r.id())
+            .unwrap_or_else(|| panic!("unexpected message {r:?}"));
+        assert_eq!(r.headers["aggregate_id"], w.aggregate_id);
+        assert_eq!(r.headers["event_type"], "Happened");
+        assert_eq!(r.headers["tenant"], "acme", "row headers are copied");
+        assert_eq!(r.headers["tracestate"], "vendor=1");
+        let tp = &r.headers["traceparent"];
+        assert!(
+            tp.starts_with(&format!("00-{TRACE_ID}-")) && tp != WRITER_TRACEPARENT,
+            "traceparent must be a child span of the writer's: {tp}"
+        );
+        assert_eq!(r.payload["n"], w.n, "payload is the row's JSON");
+        match broker {
+            Broker::Kafka => {
+                assert_eq!(
+                    r.key.as_deref(),
+                    Some(w.aggregate_id.as_str()),
+                    "key = aggregate_id"
+                );
+                assert!(
+                    r.destination.ends_with(".wallet"),
+                    "topic {}",
+                    r.destination
+                );
+            }
+            Broker::Rabbitmq => {
+                let p = r.amqp.as_ref().unwrap();
+                assert_eq!(p.message_id.as_deref(), Some(w.id.as_str()));
+                assert_eq!(p.kind.as_deref(), Some("Happened"));
+                assert_eq!(p.content_type.as_deref(), Some("application/json"));
+                assert_eq!(p.delivery_mode, Some(2), "persistent");
+                assert!(p.timestamp.is_some_and(|t| t > 1_600_000_000));
+                assert_eq!(r.destination, "wallet.Happened");
+            }
+        }
+    }
+}
+
+async fn delivers_every_event_in_aggregate_order(mode: Mode, broker: Broker) {
+    let s = Scenario::of(mode, broker, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    // 3,000 events over 100 aggregates from 8 concurrent writers, while the relay runs.
+    let written = write_events(&s.db.url, "wallet", 100, 30, 8).await;
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?} -> {broker:?}: {t:?}");
+    t.assert_complete_and_ordered();
+    assert_message_contract(&received, &written, broker);
+    if mode == Mode::Poll {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                pending_count(&s.db).await == 0
+            })
+            .await,
+            "every confirmed event is marked published"
+        );
+    }
+}
+
+/// SIGKILL mid-stream, restart: nothing lost, order among first deliveries kept; duplicates
+/// only from the window that was in flight.
+async fn relay_killed_mid_stream_loses_nothing(mode: Mode, broker: Broker) {
+    // Small batches so the kill lands between many confirmations.
+    let s = Scenario::of(mode, broker, "[poll]\nbatch_size = 50\n").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 40, 100, 4, Some(Duration::from_micros(500))).await
+    });
+    // Kill twice while events are being written and relayed.
+    let mut kills = 0;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        relay.kill();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay = s.start_relay();
+    }
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?} -> {broker:?} after {kills} SIGKILLs: {t:?}");
+    t.assert_complete_and_ordered();
+    drop(relay);
+}
+
+async fn standby_takes_over(mode: Mode) {
+    let s = Scenario::of(
+        mode,
+        Broker::Rabbitmq,
+        "[poll]\nstandby_interval = \"500ms\"\n",
+    )
+    .await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut active = s.start_relay();
+    assert!(
+        active
+            .wait_for_log("this instance is the active relay", Duration::from_secs(20))
+            .await,
+        "first relay never became active: {}",
+        active.logs()
+    );
+    let standby = s.start_relay();
+    assert!(
+        standby
+            .wait_for_log("standing by", Duration::from_secs(20))
+            .await,
+        "second relay did not stand by: {}",
+        standby.logs()
+    );
+    let first = write_events(&s.db.url, "wallet", 10, 20, 2).await;
+    let got = reader.read_until(&first, READ_TIMEOUT).await;
+    tally(&first, &got).assert_complete_and_ordered();
+    assert!(
+        !standby.logs().contains("this instance is the active relay"),
+        "two active relays at once"
+    );
+
+    active.kill();
+    let killed_at = Instant::now();
+    assert!(
+        standby
+            .wait_for_log("this instance is the active relay", Duration::from_secs(15))
+            .await,
+        "standby did not take over: {}",
+        standby.logs()
+    );
+    let takeover = killed_at.elapsed();
+    eprintln!("{mode:?}: takeover after {takeover:?}");
+    assert!(takeover < Duration::from_secs(10));
+
+    let second = write_events(&s.db.url, "wallet", 10, 20, 2).await;
+    let all: Vec<Written> = first.iter().chain(&second).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    eprintln!("{mode:?} failover: {t:?}");
+    t.assert_complete_and_ordered();
+}
+
+async fn rolled_back_events_are_never_published(mode: Mode) {
+    let s = Scenario::of(mode, Broker::Kafka, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let mut client = s.db.client().await;
+    let tx = client.transaction().await.unwrap();
+    for i in 0..10 {
+        tx.execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             VALUES (gen_random_uuid(), 'wallet', 'rolled-back', 'Happened', jsonb_build_object('n', $1::int))",
+            &[&i],
+        )
+        .await
+        .unwrap();
+    }
+    tx.rollback().await.unwrap();
+    // Events committed after the rollback act as a marker: once they are through, anything of
+    // the rolled-back transaction would have been too.
+    let written = write_events(&s.db.url, "wallet", 5, 4, 1).await;
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let extra = reader.read_for(Duration::from_secs(2)).await;
+    tally(&written, &received).assert_complete_and_ordered();
+    assert!(
+        extra
+            .iter()
+            .all(|r| r.headers["aggregate_id"] != "rolled-back"),
+        "an event of a rolled-back transaction was published"
+    );
+    assert_eq!(extra.len(), written.len());
+}
+
+async fn late_commit_is_not_skipped(mode: Mode) {
+    let s = Scenario::of(mode, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    // T1 takes the smaller relay_seq but commits last.
+    let mut slow = s.db.client().await;
+    let t1 = slow.transaction().await.unwrap();
+    let late_id = uuid::Uuid::new_v4();
+    t1.execute(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'wallet', 'late', 'Happened', '{\"n\": 0}')",
+        &[&late_id],
+    )
+    .await
+    .unwrap();
+    let early = write_events(&s.db.url, "wallet", 3, 3, 1).await;
+    let got = reader.read_until(&early, READ_TIMEOUT).await;
+    tally(&early, &got).assert_complete_and_ordered();
+    t1.commit().await.unwrap();
+    let late = vec![Written {
+        id: late_id.to_string(),
+        aggregate_id: "late".into(),
+        n: 0,
+    }];
+    let all: Vec<Written> = early.iter().chain(&late).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    tally(&all, &got).assert_complete_and_ordered();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_relay_long_before_the_poll_interval() {
+    let s = Scenario::with_toml(Broker::Rabbitmq, "[poll]\ninterval = \"60s\"\n").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log("this instance is the active relay", Duration::from_secs(20))
+            .await
+    );
+    // Let the relay settle into its wait, so only a NOTIFY can wake it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let written = write_events(&s.db.url, "wallet", 1, 1, 1).await;
+    let got = reader.read_until(&written, Duration::from_secs(20)).await;
+    let latency = start.elapsed();
+    tally(&written, &got).assert_complete_and_ordered();
+    eprintln!("commit to consumer with a 60 s poll interval: {latency:?}");
+    assert!(
+        latency < Duration::from_secs(5),
+        "woken by the poll, not NOTIFY: {latency:?}"
+    );
+}
+
+async fn sigterm_exits_zero(mode: Mode) {
+    let s = Scenario::of(mode, Broker::Kafka, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let written = write_events(&s.db.url, "wallet", 20, 50, 4).await;
+    // Terminate while the backlog is being relayed.
+    let status = relay
+        .terminate(Duration::from_secs(40))
+        .expect("relay exits within the bound");
+    assert!(status.success(), "exit status {status:?}: {}", relay.logs());
+    assert!(relay.logs().contains("relay stopped"), "{}", relay.logs());
+    // Whatever it marked published must have reached the broker; the rest follows on restart.
+    let _again = s.start_relay();
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &got);
+    eprintln!("{mode:?} after SIGTERM and restart: {t:?}");
+    t.assert_complete_and_ordered();
+    assert_eq!(
+        t.duplicates, 0,
+        "a graceful stop sends nothing twice: {t:?}"
+    );
+}
+
+async fn dead_letters(db: &TestDb) -> Vec<(String, String, String, bool)> {
+    db.client()
+        .await
+        .query(
+            "SELECT aggregate_id, event_type, error, holds_aggregate FROM outbox_dead_letters ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+async fn insert(
+    db: &TestDb,
+    aggregate_id: &str,
+    event_type: &str,
+    n: u64,
+    payload_pad: usize,
+) -> Written {
+    let id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({"n": n, "pad": "x".repeat(payload_pad)});
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers, traceparent, tracestate) \
+             VALUES ($1, 'wallet', $2, $3, $4, '{\"tenant\": \"acme\"}', $5, 'vendor=1')",
+            &[&id, &aggregate_id, &event_type, &payload, &WRITER_TRACEPARENT],
+        )
+        .await
+        .unwrap();
+    Written {
+        id: id.to_string(),
+        aggregate_id: aggregate_id.into(),
+        n,
+    }
+}
+
+async fn unroutable_event_holds_its_aggregate(mode: Mode) {
+    let s = Scenario::of(
+        mode,
+        Broker::Rabbitmq,
+        "[delivery]\nmax_attempts = 2\nbackoff_initial = \"50ms\"\n",
+    )
+    .await;
+    s.migrate();
+    // Only `wallet.Happened` is routed: `wallet.Unroutable` comes back as basic.return.
+    let mut reader = AnyReader::Amqp(s.amqp_reader("wallet.Happened").await);
+    let _relay = s.start_relay();
+    let a1 = insert(&s.db, "A", "Happened", 0, 0).await;
+    let _poison = insert(&s.db, "A", "Unroutable", 1, 0).await;
+    let a3 = insert(&s.db, "A", "Happened", 2, 0).await;
+    let mut others = vec![];
+    for n in 0..5 {
+        others.push(insert(&s.db, "B", "Happened", n, 0).await);
+    }
+    let want: Vec<Written> = std::iter::once(a1.clone()).chain(others.clone()).collect();
+    let got = reader.read_until(&want, READ_TIMEOUT).await;
+    tally(&want, &got).assert_complete_and_ordered();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await,
+        "poison event never dead-lettered"
+    );
+    let dl = dead_letters(&s.db).await;
+    assert_eq!(dl[0].0, "A");
+    assert_eq!(dl[0].1, "Unroutable");
+    assert!(
+        dl[0].2.contains("unroutable") && dl[0].2.contains("NO_ROUTE"),
+        "{}",
+        dl[0].2
+    );
+    assert!(dl[0].3, "holds its aggregate");
+    // A's later event waits behind the dead letter: never published.
+    let late = reader.read_for(Duration::from_secs(3)).await;
+    assert!(
+        late.iter().all(|r| r.id() != a3.id),
+        "held event was published"
+    );
+    match mode {
+        // Poll: it stays pending in the outbox.
+        Mode::Poll => {
+            assert_eq!(dl.len(), 1, "{dl:?}");
+            assert_eq!(pending_count(&s.db).await, 1);
+        }
+        // Wal: it waits in the dead-letter table behind the poison, so the slot can move on.
+        Mode::Wal => {
+            let dl = dead_letters(&s.db).await;
+            assert_eq!(dl.len(), 2, "{dl:?}");
+            assert_eq!((dl[1].0.as_str(), dl[1].1.as_str()), ("A", "Happened"));
+            assert!(dl[1].2.starts_with("held"), "{}", dl[1].2);
+        }
+    }
+}
+
+async fn oversized_message_skip_mode(mode: Mode) {
+    let s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[delivery]\nmax_attempts = 2\nbackoff_initial = \"50ms\"\non_dead_letter = \"skip\"\n\
+         [kafka.properties]\n\"message.max.bytes\" = \"20000\"\n",
+    )
+    .await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let a1 = insert(&s.db, "A", "Happened", 0, 10).await;
+    let _big = insert(&s.db, "A", "Happened", 1, 50_000).await;
+    let a3 = insert(&s.db, "A", "Happened", 2, 10).await;
+    let b1 = insert(&s.db, "B", "Happened", 0, 10).await;
+    let want = vec![a1, a3, b1];
+    let got = reader.read_until(&want, READ_TIMEOUT).await;
+    tally(&want, &got).assert_complete_and_ordered();
+    let dl = dead_letters(&s.db).await;
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert!(dl[0].2.to_lowercase().contains("too large"), "{}", dl[0].2);
+    assert!(!dl[0].3, "skip mode does not hold the aggregate");
+}
+
+async fn debezium_table(mode: Mode) {
+    let toml = r#"
+[outbox]
+table = "shop.dbz_outbox"
+[outbox.columns]
+aggregate_type = "aggregatetype"
+aggregate_id = "aggregateid"
+event_type = "type"
+"#;
+    let s = Scenario::of(mode, Broker::Rabbitmq, toml).await;
+    let client = s.db.client().await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA shop; CREATE TABLE shop.dbz_outbox (id uuid PRIMARY KEY, \
+             aggregatetype varchar(255) NOT NULL, aggregateid varchar(255) NOT NULL, \
+             type varchar(255) NOT NULL, payload jsonb)",
+        )
+        .await
+        .unwrap();
+    s.migrate();
+    s.migrate(); // idempotent
+    let cols: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'shop' AND table_name = 'dbz_outbox' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let original = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+    let bookkeeping = [
+        "relay_seq",
+        "relay_published_at",
+        "relay_attempts",
+        "relay_last_error",
+    ];
+    match mode {
+        Mode::Poll => assert_eq!(
+            cols,
+            original
+                .iter()
+                .chain(&bookkeeping)
+                .copied()
+                .collect::<Vec<_>>(),
+            "only the bookkeeping columns are added"
+        ),
+        Mode::Wal => assert_eq!(cols, original, "wal mode leaves the table as it is"),
+    }
+    let mut reader = AnyReader::Amqp(s.amqp_reader("#").await);
+    let _relay = s.start_relay();
+    let id = uuid::Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO shop.dbz_outbox (id, aggregatetype, aggregateid, type, payload) \
+             VALUES ($1, 'order', 'o-1', 'OrderCreated', '{\"n\": 0}')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let written = vec![Written {
+        id: id.to_string(),
+        aggregate_id: "o-1".into(),
+        n: 0,
+    }];
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    let m = &got[0];
+    assert_eq!(m.destination, "order.OrderCreated");
+    assert_eq!(m.headers["aggregate_type"], "order");
+    assert_eq!(m.headers["event_type"], "OrderCreated");
+    // No trace context on the row: the relay's span starts a new trace.
+    assert!(
+        m.headers["traceparent"].starts_with("00-"),
+        "{:?}",
+        m.headers
+    );
+}

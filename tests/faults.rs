@@ -1,0 +1,144 @@
+//! Faults: the broker goes away, Postgres restarts, Kafka returns errors. Nothing is lost and
+//! per-aggregate order holds among first deliveries.
+//!
+//! `fault_*` tests stop shared services and run one at a time (see `scripts/test`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use crate::support::*;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+for_both_sources! {
+    fault_rabbitmq_outage_mid_stream_loses_nothing_and_keeps_order => rabbitmq_outage;
+    fault_postgres_restart_mid_stream_loses_nothing_and_keeps_order => postgres_restart;
+    kafka_broker_down_and_produce_errors_in_mock_cluster_lose_nothing => mock_kafka_outage;
+}
+
+fn sh(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+async fn rabbitmq_outage(mode: Mode) {
+    let s = Scenario::of(mode, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 30, 60, 3, Some(Duration::from_millis(4))).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sh("rabbitmqctl", &["-q", "stop_app"]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sh("rabbitmqctl", &["-q", "start_app"]);
+    sh("rabbitmqctl", &["-q", "await_startup"]);
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?}: RabbitMQ stopped for 5 s mid-stream: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        relay
+            .logs()
+            .contains("publish failed; retrying with backoff")
+            || relay.logs().contains("reconnecting"),
+        "the outage was not noticed, so the test proved nothing: {}",
+        relay.logs()
+    );
+}
+
+pub fn restart_postgres() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("Debian Postgres layout")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max()
+        .unwrap();
+    sh(
+        "pg_ctlcluster",
+        &["--skip-systemctl-redirect", &version, "main", "restart"],
+    );
+}
+
+async fn postgres_restart(mode: Mode) {
+    let s = Scenario::of(mode, Broker::Kafka, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 30, 60, 3, Some(Duration::from_millis(4))).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    restart_postgres();
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?}: Postgres restarted mid-stream: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        relay.logs().contains("reconnecting"),
+        "the restart was not noticed, so the test proved nothing: {}",
+        relay.logs()
+    );
+}
+
+/// librdkafka's mock cluster, reached by the relay over TCP like a real broker: the broker
+/// goes down for longer than `message_timeout`, and Produce requests fail transiently.
+async fn mock_kafka_outage(mode: Mode) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let mut s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n",
+    )
+    .await;
+    s.kafka_brokers = cluster.bootstrap_servers();
+    s.extra_toml.push_str(&format!(
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\nmessage_timeout = \"2s\"\n",
+        s.destination
+    ));
+    cluster.create_topic(&s.topic("wallet"), 3, 1).unwrap();
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 20, 40, 2, Some(Duration::from_millis(5))).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.broker_up(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20],
+    );
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?}: mock Kafka broker down 5 s + 20 Produce errors: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        relay
+            .logs()
+            .contains("publish failed; retrying with backoff"),
+        "the outage never reached the relay, so the test proved nothing: {}",
+        relay.logs()
+    );
+}
+
+/// Changes `max_slot_wal_keep_size` for the whole cluster for a moment: a fault test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_an_invalidated_slot_is_repaired_from_the_table() {
+    crate::wal::lost_slot_is_repaired(true).await;
+}

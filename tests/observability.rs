@@ -1,0 +1,313 @@
+//! Traces, metrics and health: one trace id from the writer's span through the relay's
+//! PRODUCER span to the consumer's span; `/metrics` counters that match what was sent;
+//! `/readyz` that follows the broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use rdkafka::mocking::MockCluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+/// A minimal OTLP/HTTP (JSON) receiver: keeps every span it is sent.
+#[derive(Clone, Default)]
+struct OtlpReceiver {
+    spans: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let receiver = Self::default();
+        let spans = receiver.spans.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let spans = spans.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // Read one request: head, then Content-Length bytes of body.
+                        let head_end = loop {
+                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                            let mut chunk = [0u8; 8192];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 8192];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&buf[head_end..head_end + len])
+                                .unwrap_or_default();
+                        buf.drain(..head_end + len);
+                        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+                            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                                for span in ss["spans"].as_array().into_iter().flatten() {
+                                    spans.lock().unwrap().push(span.clone());
+                                }
+                            }
+                        }
+                        let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        if sock.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (receiver, url)
+    }
+
+    fn spans(&self) -> Vec<serde_json::Value> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)?["value"]["stringValue"]
+        .as_str()
+}
+
+async fn one_trace_from_writer_to_consumer(broker: Broker) {
+    let (receiver, endpoint) = OtlpReceiver::start().await;
+    let mut s = Scenario::new(broker).await;
+    s.extra_env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ("OTEL_SERVICE_NAME".into(), "relay-under-test".into()),
+    ];
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+
+    // The writer: a span in "the service", whose context goes into the outbox row.
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let tracer = provider.tracer("wallet");
+    let propagator = TraceContextPropagator::new();
+    let writer_span = tracer.start("POST /wallets/w-1/plans");
+    let writer_cx = Context::current_with_span(writer_span);
+    let mut carrier = HashMap::new();
+    propagator.inject_context(&writer_cx, &mut carrier);
+    let id = uuid::Uuid::new_v4();
+    s.db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, traceparent) \
+             VALUES ($1, 'wallet', 'w-1', 'PlanPurchased', '{\"n\": 0}', $2)",
+            &[&id, &carrier["traceparent"]],
+        )
+        .await
+        .unwrap();
+    writer_cx.span().end();
+    let written = vec![Written {
+        id: id.to_string(),
+        aggregate_id: "w-1".into(),
+        n: 0,
+    }];
+    let got = reader.read_until(&written, Duration::from_secs(60)).await;
+    tally(&written, &got).assert_complete_and_ordered();
+
+    // The consumer: continues the trace from the message's headers.
+    let consumer_parent = propagator.extract(
+        &got[0]
+            .headers
+            .clone()
+            .into_iter()
+            .collect::<HashMap<_, _>>(),
+    );
+    let consumer_span = tracer
+        .span_builder("billing handle PlanPurchased")
+        .with_kind(SpanKind::Consumer)
+        .start_with_context(&tracer, &consumer_parent);
+    drop(consumer_span);
+    provider.force_flush().unwrap();
+    let local = exporter.get_finished_spans().unwrap();
+    let writer = local.iter().find(|s| s.name.starts_with("POST")).unwrap();
+    let consumer = local
+        .iter()
+        .find(|s| s.name.starts_with("billing"))
+        .unwrap();
+
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !receiver.spans().is_empty()
+        })
+        .await,
+        "the relay exported no span"
+    );
+    let relay_spans = receiver.spans();
+    let producer = relay_spans
+        .iter()
+        .find(|s| attribute(s, "messaging.message.id") == Some(&id.to_string()))
+        .unwrap_or_else(|| panic!("no PRODUCER span for the event: {relay_spans:?}"));
+    let trace_id = writer.span_context.trace_id().to_string();
+    assert_eq!(
+        producer["traceId"],
+        trace_id.as_str(),
+        "relay span in the writer's trace"
+    );
+    assert_eq!(
+        producer["parentSpanId"],
+        writer.span_context.span_id().to_string().as_str(),
+        "relay span is the writer span's child"
+    );
+    assert_eq!(producer["kind"], 4, "SPAN_KIND_PRODUCER");
+    let system = match broker {
+        Broker::Kafka => "kafka",
+        Broker::Rabbitmq => "rabbitmq",
+    };
+    assert_eq!(attribute(producer, "messaging.system"), Some(system));
+    assert_eq!(
+        attribute(producer, "messaging.operation.type"),
+        Some("publish")
+    );
+    assert_eq!(
+        consumer.span_context.trace_id().to_string(),
+        trace_id,
+        "consumer in the same trace"
+    );
+    assert_eq!(
+        consumer.parent_span_id.to_string(),
+        producer["spanId"].as_str().unwrap(),
+        "consumer span is the relay span's child"
+    );
+    eprintln!(
+        "{system}: trace {trace_id}: writer span {} -> relay `{}` {} -> consumer span {}",
+        writer.span_context.span_id(),
+        producer["name"].as_str().unwrap_or(""),
+        producer["spanId"].as_str().unwrap_or(""),
+        consumer.span_context.span_id()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_id_from_writer_through_relay_to_kafka_consumer() {
+    one_trace_from_writer_to_consumer(Broker::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_id_from_writer_through_relay_to_rabbitmq_consumer() {
+    one_trace_from_writer_to_consumer(Broker::Rabbitmq).await;
+}
+
+/// Sum of a metric's samples whose labels contain `filter`.
+fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_the_events_sent_and_readyz_follows_the_broker() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let mut s = Scenario::of(Mode::Poll, Broker::Kafka, "").await;
+    s.kafka_brokers = cluster.bootstrap_servers();
+    cluster.create_topic(&s.topic("wallet"), 3, 1).unwrap();
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let base = relay.http_base().await;
+    assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            http_get(&format!("{base}/readyz")).await.0 == 200
+        })
+        .await,
+        "never ready"
+    );
+    let (_, ready) = http_get(&format!("{base}/readyz")).await;
+    assert!(ready.contains("\"active\":true"), "{ready}");
+
+    let written = write_events(&s.db.url, "wallet", 20, 25, 4).await;
+    let got = reader.read_until(&written, Duration::from_secs(60)).await;
+    let t = tally(&written, &got);
+    t.assert_complete_and_ordered();
+    let topic = s.topic("wallet");
+    let published = format!("destination=\"{topic}\"");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let (_, text) = http_get(&format!("{base}/metrics")).await;
+            metric_sum(&text, "outbox_relay_events_published_total", &published)
+                == written.len() as f64
+                && metric_sum(&text, "outbox_relay_pending_events", "") == 0.0
+        })
+        .await,
+        "metrics never matched: {}",
+        http_get(&format!("{base}/metrics")).await.1
+    );
+    let (_, text) = http_get(&format!("{base}/metrics")).await;
+    assert_eq!(metric_sum(&text, "outbox_relay_active", ""), 1.0);
+    assert!(metric_sum(&text, "outbox_relay_batch_size_count", "") >= 1.0);
+    assert_eq!(
+        metric_sum(&text, "outbox_relay_commit_to_ack_seconds_count", ""),
+        written.len() as f64
+    );
+    eprintln!(
+        "metrics excerpt:\n{}",
+        text.lines()
+            .filter(|l| !l.starts_with('#')
+                && (l.contains("published_total")
+                    || l.contains("_active")
+                    || l.contains("pending")
+                    || l.contains("commit_to_ack_seconds_count")
+                    || l.contains("_up ")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    cluster.broker_down(1).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http_get(&format!("{base}/readyz")).await.0 == 503
+        })
+        .await,
+        "still ready with the broker down"
+    );
+    let (_, body) = http_get(&format!("{base}/readyz")).await;
+    assert!(
+        body.contains("\"broker\":false") && body.contains("\"database\":true"),
+        "{body}"
+    );
+    cluster.broker_up(1).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http_get(&format!("{base}/readyz")).await.0 == 200
+        })
+        .await,
+        "not ready again after the broker came back"
+    );
+}

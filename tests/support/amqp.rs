@@ -1,0 +1,165 @@
+//! A plain AMQP consumer on a durable queue of its own, bound to the scenario's exchange.
+//! It acks after recording each message and reconnects when the broker goes away, so nothing
+//! the broker accepted escapes the count (redeliveries show up as duplicates).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+
+use super::{AMQP_URL, AmqpProps, Received};
+
+pub struct Reader {
+    pub exchange: String,
+    pub queue: String,
+    binding: String,
+    link: Option<(Connection, Channel, Consumer)>,
+    seen: Vec<Received>,
+}
+
+async fn open(
+    exchange: &str,
+    queue: &str,
+    binding: &str,
+) -> lapin::Result<(Connection, Channel, Consumer)> {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.exchange_declare(
+        exchange,
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        queue,
+        exchange,
+        binding,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let consumer = ch
+        .basic_consume(
+            queue,
+            "reader",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, ch, consumer))
+}
+
+fn text(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Reader {
+    pub async fn bind(exchange: &str, binding: &str) -> Self {
+        let queue = super::unique("q");
+        let link = open(exchange, &queue, binding)
+            .await
+            .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
+        Self {
+            exchange: exchange.into(),
+            queue,
+            binding: binding.into(),
+            link: Some(link),
+            seen: vec![],
+        }
+    }
+
+    pub async fn read_until(&mut self, want: &HashSet<&str>, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut remaining = super::remaining(want, &self.seen);
+        loop {
+            if remaining.is_empty() || Instant::now() >= deadline {
+                return self.seen.clone();
+            }
+            let Some((_, _, consumer)) = self.link.as_mut() else {
+                match open(&self.exchange, &self.queue, &self.binding).await {
+                    Ok(link) => self.link = Some(link),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+                Err(_) => {}
+                Ok(Some(Ok(d))) => {
+                    let p = &d.properties;
+                    let headers = p
+                        .headers()
+                        .as_ref()
+                        .map(|t| {
+                            t.inner()
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), text(v)))
+                                .collect()
+                        })
+                        .unwrap_or_else(BTreeMap::new);
+                    let received = Received {
+                        key: None,
+                        destination: d.routing_key.to_string(),
+                        headers,
+                        payload: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                        amqp: Some(AmqpProps {
+                            message_id: p.message_id().as_ref().map(|s| s.to_string()),
+                            kind: p.kind().as_ref().map(|s| s.to_string()),
+                            content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                            delivery_mode: *p.delivery_mode(),
+                            timestamp: *p.timestamp(),
+                        }),
+                        redelivered: d.redelivered,
+                    };
+                    remaining.remove(received.id());
+                    self.seen.push(received);
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                }
+                Ok(_) => {
+                    // Consumer ended: the broker went away. Reconnect.
+                    self.link = None;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let queue = self.queue.clone();
+        let exchange = self.exchange.clone();
+        // Best effort: delete the queue and the exchange of this test.
+        if let Some((_, ch, _)) = self.link.take() {
+            let _ = std::thread::spawn(move || {
+                futures::executor::block_on(async move {
+                    let _ = ch.queue_delete(&queue, QueueDeleteOptions::default()).await;
+                    let _ = ch.exchange_delete(&exchange, Default::default()).await;
+                })
+            })
+            .join();
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! A plain Kafka consumer: assigns every partition of the watched topics from the beginning
+//! (no consumer group needed) and collects what it reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::Received;
+
+pub struct Reader {
+    consumer: StreamConsumer,
+    topics: Vec<String>,
+    /// Topics found so far, with their partitions (fetched once: the broker may be cut later).
+    assigned: std::collections::BTreeMap<String, Vec<i32>>,
+    seen: Vec<Received>,
+}
+
+impl Reader {
+    pub fn new(brokers: &str) -> Self {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", super::unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("create Kafka consumer");
+        Self {
+            consumer,
+            topics: vec![],
+            assigned: Default::default(),
+            seen: vec![],
+        }
+    }
+
+    pub fn add_topic(&mut self, topic: String) {
+        self.topics.push(topic);
+    }
+
+    /// Assigns partitions of topics that exist by now (the relay creates them lazily).
+    /// `true` when the assignment changed (and reading restarted from the beginning).
+    fn assign_new_topics(&mut self) -> bool {
+        let mut changed = false;
+        for topic in &self.topics {
+            if self.assigned.contains_key(topic) {
+                continue;
+            }
+            let Ok(md) = self
+                .consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+            else {
+                continue;
+            };
+            if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+            {
+                let partitions = t.partitions().iter().map(|p| p.id()).collect();
+                self.assigned.insert(topic.clone(), partitions);
+                changed = true;
+            }
+        }
+        if changed {
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partitions) in &self.assigned {
+                for p in partitions {
+                    tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                        .unwrap();
+                }
+            }
+            // Re-assigning restarts every partition from the beginning: forget what we have.
+            self.seen.clear();
+            self.consumer.assign(&tpl).expect("assign partitions");
+        }
+        changed
+    }
+
+    pub async fn read_until(&mut self, want: &HashSet<&str>, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut last_assign = Instant::now() - Duration::from_secs(10);
+        let mut remaining = super::remaining(want, &self.seen);
+        loop {
+            if self.assigned.len() < self.topics.len()
+                && last_assign.elapsed() > Duration::from_millis(500)
+            {
+                if self.assign_new_topics() {
+                    remaining = super::remaining(want, &self.seen);
+                }
+                last_assign = Instant::now();
+            }
+            if remaining.is_empty() || Instant::now() >= deadline {
+                return self.seen.clone();
+            }
+            if self.assigned.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_millis(500), self.consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    let mut headers = BTreeMap::new();
+                    if let Some(h) = m.headers() {
+                        for header in h.iter() {
+                            headers.insert(
+                                header.key.to_string(),
+                                String::from_utf8_lossy(header.value.unwrap_or_default())
+                                    .into_owned(),
+                            );
+                        }
+                    }
+                    let received = Received {
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        destination: m.topic().to_string(),
+                        headers,
+                        payload: serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                            .unwrap_or(serde_json::Value::Null),
+                        amqp: None,
+                        redelivered: false,
+                    };
+                    remaining.remove(received.id());
+                    self.seen.push(received);
+                }
+                Ok(Err(e)) => {
+                    eprintln!("kafka reader: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! What only log tailing has: big transactions streamed with bounded memory, the slot moving
+//! while the outbox is idle, insert-then-delete, `pg_logical_emit_message`, and its set-up
+//! errors.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_event_transaction_is_streamed_with_bounded_relay_memory() {
+    let s = Scenario::of(Mode::Wal, Broker::Kafka, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
+            .await,
+        "{}",
+        relay.logs()
+    );
+    // 100,000 events of ~1.5 KB (150 MB of payload) over 1,000 aggregates, in ONE transaction.
+    let rows = s
+        .db
+        .client()
+        .await
+        .query(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers, traceparent, tracestate) \
+             SELECT gen_random_uuid(), 'wallet', 'big-' || (g % 1000), 'Happened', \
+                    jsonb_build_object('aggregate_id', 'big-' || (g % 1000), 'n', g / 1000, 'pad', repeat('x', 1500)), \
+                    '{\"tenant\": \"acme\"}', $1, 'vendor=1' \
+             FROM generate_series(0, 99999) g RETURNING id::text, aggregate_id, (payload->>'n')::bigint",
+            &[&WRITER_TRACEPARENT],
+        )
+        .await
+        .unwrap();
+    let written: Vec<Written> = rows
+        .iter()
+        .map(|r| Written {
+            id: r.get(0),
+            aggregate_id: r.get(1),
+            n: r.get::<_, i64>(2) as u64,
+        })
+        .collect();
+    let started = Instant::now();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    let peak_kib = peak_rss_kib(relay.pid()).unwrap_or(0);
+    eprintln!(
+        "100k-event transaction: {t:?} in {:?}; relay peak RSS {} MiB",
+        started.elapsed(),
+        peak_kib / 1024
+    );
+    t.assert_complete_and_ordered();
+    // Holding the transaction whole would take more than its 150 MB of payload.
+    assert!(peak_kib > 0, "cannot read the relay's memory");
+    assert!(
+        peak_kib < 100 * 1024,
+        "relay peak RSS {peak_kib} KiB: the transaction was buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_advances_while_the_outbox_is_idle_and_other_tables_take_100_mb() {
+    let mut s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.extra_toml = format!(
+        "[wal]\nslot = \"{}\"\nstatus_interval = \"500ms\"\n",
+        s.slot
+    );
+    let slot = s.slot.clone();
+    s.migrate();
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
+            .await
+    );
+    let client = s.db.client().await;
+    client
+        // Stored out of line and uncompressed, so every byte goes through the WAL.
+        .batch_execute(
+            "CREATE TABLE filler (id bigserial PRIMARY KEY, body text); \
+             ALTER TABLE filler ALTER body SET STORAGE EXTERNAL",
+        )
+        .await
+        .unwrap();
+    let before = current_wal_lsn(&s.db).await;
+    // About 100 MB of WAL from another table, in 12 transactions; not one outbox event.
+    for _ in 0..12 {
+        client
+            .batch_execute(
+                "INSERT INTO filler (body) SELECT repeat(md5(g::text), 64) FROM generate_series(1, 4000) g",
+            )
+            .await
+            .unwrap();
+    }
+    let after = current_wal_lsn(&s.db).await;
+    let written_mb = (after - before) / 1_000_000;
+    assert!(written_mb >= 90, "only {written_mb} MB of WAL written");
+    let advanced = eventually(Duration::from_secs(60), || async {
+        slot_position(&s.db, &slot).await.0 >= after
+    })
+    .await;
+    // restart_lsn (what the slot retains) follows the confirmed position at the next
+    // running-transactions record, which Postgres writes every 15 s while WAL is busy.
+    let released = eventually(Duration::from_secs(60), || async {
+        slot_position(&s.db, &slot).await.1 < 16 * 1024 * 1024
+    })
+    .await;
+    let (confirmed, retained) = slot_position(&s.db, &slot).await;
+    eprintln!(
+        "idle outbox, {written_mb} MB of WAL from another table: slot confirmed {} MB past the start, retained WAL {retained} bytes",
+        (confirmed.saturating_sub(before)) / 1_000_000
+    );
+    assert!(
+        advanced,
+        "the slot did not advance: confirmed {confirmed}, WAL end {after}"
+    );
+    assert!(released, "retained WAL stays at {retained} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_deleted_in_its_own_transaction_is_still_published() {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let mut client = s.db.client().await;
+    let tx = client.transaction().await.unwrap();
+    let id = uuid::Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'wallet', 'w-1', 'Happened', '{\"n\": 0}')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    tx.execute("DELETE FROM outbox WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let written = vec![Written {
+        id: id.to_string(),
+        aggregate_id: "w-1".into(),
+        n: 0,
+    }];
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the service's delete stands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_with_pg_logical_emit_message_are_published() {
+    let s = Scenario::of(Mode::Wal, Broker::Kafka, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let client = s.db.client().await;
+    let mut written = vec![];
+    for n in 0..20u64 {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = serde_json::json!({
+            "id": id, "aggregate_type": "wallet", "aggregate_id": "tableless", "event_type": "Happened",
+            "payload": {"aggregate_id": "tableless", "n": n},
+            "headers": {"tenant": "acme"}, "traceparent": WRITER_TRACEPARENT, "tracestate": "vendor=1",
+        });
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
+                &[&body.to_string()],
+            )
+            .await
+            .unwrap();
+        // Another prefix is not ours.
+        client
+            .execute("SELECT pg_logical_emit_message(true, 'other', '{}')", &[])
+            .await
+            .unwrap();
+        written.push(Written {
+            id,
+            aggregate_id: "tableless".into(),
+            n,
+        });
+    }
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &got);
+    t.assert_complete_and_ordered();
+    for r in &got {
+        assert_eq!(r.key.as_deref(), Some("tableless"));
+        assert_eq!(r.headers["tenant"], "acme");
+        assert!(r.headers["traceparent"].contains(TRACE_ID));
+    }
+}
+
+/// Runs the relay and expects it to fail with `fragments` in its one error line.
+async fn expect_error(s: &Scenario, env: &[(&str, &str)], fragments: &[&str]) {
+    let log = std::env::temp_dir().join(unique("wal_error"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("run")
+        .arg("--config")
+        .arg(s.config_path())
+        .envs(s.env())
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            let _ = child.kill();
+            panic!(
+                "relay kept running: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(!status.success());
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("outbox-relay: error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    for f in fragments {
+        assert!(line.contains(f), "`{f}` missing from: {line}");
+    }
+    eprintln!("{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_setup_errors_name_the_fix() {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let client = s.db.client().await;
+    let publication = "outbox_relay_outbox";
+
+    // A role without REPLICATION.
+    let role = unique("norepl");
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    let url = format!("postgres://{role}@127.0.0.1:5432/{}", s.db.name);
+    expect_error(
+        &s,
+        &[("DATABASE_URL", &url)],
+        &[&role, "ALTER ROLE", "REPLICATION"],
+    )
+    .await;
+    client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+
+    // A publication that does not cover the outbox.
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION {publication}; CREATE TABLE other (id int); CREATE PUBLICATION {publication} FOR TABLE other"
+        ))
+        .await
+        .unwrap();
+    expect_error(
+        &s,
+        &[],
+        &[publication, "does not cover table `outbox`", "ADD TABLE"],
+    )
+    .await;
+
+    // No publication at all.
+    client
+        .batch_execute(&format!("DROP PUBLICATION {publication}"))
+        .await
+        .unwrap();
+    expect_error(&s, &[], &[publication, "does not exist", "migrate"]).await;
+    s.migrate();
+
+    // The slot held by another process.
+    let mut holder = Command::new("pg_recvlogical")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            &s.db.name,
+            "--slot",
+            &s.slot,
+            "--start",
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            &format!("publication_names={publication}"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pg_recvlogical");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.db.client()
+                .await
+                .query_one(
+                    "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&s.slot],
+                )
+                .await
+                .is_ok_and(|r| r.get(0))
+        })
+        .await,
+        "pg_recvlogical did not take the slot"
+    );
+    expect_error(
+        &s,
+        &[("RELAY_WAL__SLOT_WAIT", "2s")],
+        &[&s.slot, "is active in process", "pg_terminate_backend"],
+    )
+    .await;
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// A throwaway Postgres cluster of our own (wal_level=replica), stopped and removed on drop.
+struct ScratchCluster {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+fn bin(name: &str) -> String {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).max())
+        .map(|p| p.join("bin").join(name).display().to_string())
+        .unwrap_or_else(|| name.to_string())
+}
+
+fn as_postgres(args: &[&str]) -> bool {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl ScratchCluster {
+    fn start(settings: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("scratch_pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(
+            Command::new("chown")
+                .args(["postgres:postgres", &dir.display().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let port = 20000 + (std::process::id() % 20000) as u16;
+        let d = dir.display().to_string();
+        assert!(
+            as_postgres(&[&bin("initdb"), "-D", &d, "-A", "trust", "-U", "postgres"]),
+            "initdb failed"
+        );
+        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -k {d} {settings}");
+        assert!(
+            as_postgres(&[&bin("pg_ctl"), "-D", &d, "-o", &opts, "-w", "start"]),
+            "pg_ctl start failed"
+        );
+        Self { dir, port }
+    }
+}
+
+impl Drop for ScratchCluster {
+    fn drop(&mut self) {
+        let d = self.dir.display().to_string();
+        as_postgres(&[&bin("pg_ctl"), "-D", &d, "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_reported_with_the_fix() {
+    let cluster = ScratchCluster::start("-c wal_level=replica");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    // The table exists (made by a poll-mode migrate), so the first thing wrong is wal_level.
+    let migrate = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["migrate", "--config"])
+        .arg(s.config_path())
+        .envs(s.env())
+        .env("DATABASE_URL", &url)
+        .env("RELAY_SOURCE", "poll")
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    expect_error(
+        &s,
+        &[("DATABASE_URL", &url)],
+        &[
+            "wal_level is `replica`",
+            "ALTER SYSTEM SET wal_level = logical",
+            "RELAY_SOURCE=poll",
+        ],
+    )
+    .await;
+    drop(cluster);
+}
+
+/// Writes `n` events for aggregate `agg` with n starting at `first`, one transaction each.
+async fn write_numbered(db: &TestDb, agg: &str, first: u64, n: u64) -> Vec<Written> {
+    let client = db.client().await;
+    let mut out = vec![];
+    for i in first..first + n {
+        let id = uuid::Uuid::new_v4();
+        client
+            .execute(
+                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES ($1, 'wallet', $2, 'Happened', jsonb_build_object('n', $3::bigint))",
+                &[&id, &agg, &(i as i64)],
+            )
+            .await
+            .unwrap();
+        out.push(Written {
+            id: id.to_string(),
+            aggregate_id: agg.into(),
+            n: i,
+        });
+    }
+    out
+}
+
+/// The slot disappears while the relay is down (an operator dropped it, or the database was
+/// restored from a backup without it): events committed in the gap are published from the
+/// table, then streaming resumes on a new slot.
+pub async fn lost_slot_is_repaired(invalidate: bool) {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "[wal]\nslot_wait = \"5s\"\n").await;
+    let mut s = s;
+    s.extra_toml = format!(
+        "[wal]\nslot = \"{}\"\nslot_wait = \"5s\"\nstatus_interval = \"200ms\"\n",
+        s.slot
+    );
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let before = write_numbered(&s.db, "A", 0, 20).await;
+    let got = reader.read_until(&before, READ_TIMEOUT).await;
+    tally(&before, &got).assert_complete_and_ordered();
+    // Let the progress (confirmed position and commit time) be saved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.kill();
+    let admin = s.db.client().await;
+    let gap = write_numbered(&s.db, "A", 20, 30).await;
+    if invalidate {
+        // Make Postgres invalidate the slot: keep almost no WAL for slots, write more than that.
+        // ALTER SYSTEM cannot share a transaction (or a multi-statement string) with anything.
+        for sql in [
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+            "SELECT pg_reload_conf()",
+            "CREATE TABLE filler (body text)",
+            "ALTER TABLE filler ALTER body SET STORAGE EXTERNAL",
+            "INSERT INTO filler SELECT repeat(md5(g::text), 64) FROM generate_series(1, 40000) g",
+            "CHECKPOINT",
+        ] {
+            admin.batch_execute(sql).await.unwrap();
+        }
+        let lost = eventually(Duration::from_secs(30), || async {
+            let _ = admin
+                .batch_execute("SELECT pg_switch_wal(); CHECKPOINT;")
+                .await;
+            admin
+                .query_one(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&s.slot],
+                )
+                .await
+                .map(|r| r.get::<_, Option<String>>(0) == Some("lost".into()))
+                .unwrap_or(false)
+        })
+        .await;
+        admin
+            .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            .await
+            .unwrap();
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+        assert!(lost, "Postgres did not invalidate the slot");
+    } else {
+        admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+            .await
+            .unwrap();
+    }
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log(
+                "publishing the outbox rows created since then",
+                Duration::from_secs(30)
+            )
+            .await,
+        "{}",
+        relay.logs()
+    );
+    let after = write_numbered(&s.db, "A", 50, 20).await;
+    let all: Vec<Written> = before.iter().chain(&gap).chain(&after).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    eprintln!(
+        "slot {}: {t:?}",
+        if invalidate { "invalidated" } else { "dropped" }
+    );
+    t.assert_complete_and_ordered();
+    assert!(
+        relay
+            .wait_for_log("repair of the slot's gap complete", Duration::from_secs(10))
+            .await,
+        "{}",
+        relay.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_recreated_and_its_gap_published_from_the_table() {
+    lost_slot_is_repaired(false).await;
+}
