@@ -17,6 +17,7 @@ for_both_sources! {
     fault_rabbitmq_outage_mid_stream_loses_nothing_and_keeps_order => rabbitmq_outage;
     fault_postgres_restart_mid_stream_loses_nothing_and_keeps_order => postgres_restart;
     kafka_broker_down_and_produce_errors_in_mock_cluster_lose_nothing => mock_kafka_outage;
+    kafka_fenced_producer_is_replaced_and_loses_nothing => mock_kafka_fenced_producer;
 }
 
 fn sh(program: &str, args: &[&str]) {
@@ -133,6 +134,49 @@ async fn mock_kafka_outage(mode: Mode) {
             .logs()
             .contains("publish failed; retrying with backoff"),
         "the outage never reached the relay, so the test proved nothing: {}",
+        relay.logs()
+    );
+}
+
+/// The broker fences the relay's idempotent producer (as tansu does after librdkafka bumps
+/// the epoch of a producer whose messages timed out): every later message of that producer
+/// would fail, so the relay must start a new producer and deliver everything, in order.
+async fn mock_kafka_fenced_producer(mode: Mode) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let mut s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n",
+    )
+    .await;
+    s.kafka_brokers = cluster.bootstrap_servers();
+    s.extra_toml.push_str(&format!(
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\n",
+        s.destination
+    ));
+    cluster.create_topic(&s.topic("wallet"), 3, 1).unwrap();
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 20, 30, 2, Some(Duration::from_millis(5))).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 3],
+    );
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    eprintln!("{mode:?}: mock Kafka fenced the producer: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        relay
+            .logs()
+            .contains("the Kafka producer cannot continue; creating a new one"),
+        "the relay never replaced its producer, so the test proved nothing: {}",
         relay.logs()
     );
 }

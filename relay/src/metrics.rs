@@ -23,6 +23,7 @@ pub const WAL_LAG: &str = "outbox_relay_wal_confirmed_lag_bytes";
 pub const ACTIVE: &str = "outbox_relay_active";
 pub const DATABASE_UP: &str = "outbox_relay_database_up";
 pub const BROKER_UP: &str = "outbox_relay_broker_up";
+pub const PRODUCER_RENEWED: &str = "outbox_relay_kafka_producer_renewals_total";
 
 /// Installs the global recorder; call once, before anything records.
 pub fn install() -> Result<PrometheusHandle, Error> {
@@ -71,6 +72,10 @@ pub fn install() -> Result<PrometheusHandle, Error> {
     );
     describe_gauge!(DATABASE_UP, "1 when the last database check succeeded");
     describe_gauge!(BROKER_UP, "1 when the last broker check succeeded");
+    describe_counter!(
+        PRODUCER_RENEWED,
+        "Kafka producers replaced because the broker fenced or failed the previous one"
+    );
     Ok(handle)
 }
 
@@ -112,6 +117,10 @@ pub fn record_dead_letter() {
     counter!(DEAD_LETTERED).increment(1);
 }
 
+pub fn record_producer_renewed() {
+    counter!(PRODUCER_RENEWED).increment(1);
+}
+
 pub fn set_active(active: bool) {
     gauge!(ACTIVE).set(if active { 1.0 } else { 0.0 });
 }
@@ -139,6 +148,7 @@ mod tests {
             ACTIVE,
             DATABASE_UP,
             BROKER_UP,
+            PRODUCER_RENEWED,
         ];
         let mut used = 0;
         for (i, _) in dashboard.match_indices("outbox_relay_") {

@@ -301,7 +301,12 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A failed test keeps its relays' logs and config for the post-mortem.
+        if std::thread::panicking() {
+            eprintln!("scenario kept for inspection: {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

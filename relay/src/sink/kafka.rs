@@ -51,7 +51,10 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
             "message.timeout.ms",
             config.message_timeout.as_millis().to_string(),
         )
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // A sidecar talks to a handful of brokers: after an outage, reconnect within a second
+        // rather than librdkafka's default of up to 10 s (messages time out meanwhile).
+        .set("reconnect.backoff.max.ms", "1000");
     for (k, v) in &config.properties {
         c.set(k, v);
     }
@@ -157,6 +160,32 @@ impl KafkaSink {
     }
 }
 
+/// Errors that leave the idempotent producer's identity (producer id, epoch, sequence numbers)
+/// unusable: every later message would fail the same way until a new producer is created.
+/// Seen from brokers that answer librdkafka's epoch bump (after messages time out during an
+/// outage) with `PRODUCER_FENCED`.
+fn producer_state_lost(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::Fatal
+        )
+    )
+}
+
+fn unknown_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+    )
+}
+
 /// Errors the broker will give again for the same message.
 fn classify(e: &KafkaError) -> PublishError {
     let permanent = matches!(
@@ -167,11 +196,12 @@ fn classify(e: &KafkaError) -> PublishError {
                 | RDKafkaErrorCode::InvalidRecord
                 | RDKafkaErrorCode::InvalidTopic
                 | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownTopicOrPartition
                 | RDKafkaErrorCode::InvalidMessage
         )
     );
+    // An unknown topic is not final: metadata can be stale while a broker restarts or the
+    // network is cut. `publish` re-checks the topic before the retry, and only a topic the
+    // broker positively lacks becomes a permanent error (in `ensure_topic`).
     let message = format!("Kafka refused the message: {e}");
     if permanent {
         PublishError::permanent(message)
@@ -197,6 +227,7 @@ impl Sink for KafkaSink {
             Failed(PublishError),
         }
         let mut pending = Vec::with_capacity(events.len());
+        let mut renew_producer = false;
         let mut spans = Vec::with_capacity(events.len());
         for (event, topic) in events.iter().zip(&topics) {
             let span = start_publish_span(
@@ -240,6 +271,10 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
+                        renew_producer |= producer_state_lost(&e);
+                        if unknown_topic(&e) {
+                            self.known_topics.remove(topic);
+                        }
                         pending.push(Pending::Failed(classify(&e)));
                         break;
                     }
@@ -247,12 +282,19 @@ impl Sink for KafkaSink {
             }
         }
         let mut results = Vec::with_capacity(events.len());
-        for (p, span) in pending.into_iter().zip(spans) {
+        for ((p, span), topic) in pending.into_iter().zip(spans).zip(&topics) {
             let result = match p {
                 Pending::Failed(e) => Err(e),
                 Pending::Sent(delivery) => match delivery.await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(classify(&e)),
+                    Ok(Err((e, _))) => {
+                        renew_producer |= producer_state_lost(&e);
+                        if unknown_topic(&e) {
+                            // Checked again (and created, if configured) before the retry.
+                            self.known_topics.remove(topic);
+                        }
+                        Err(classify(&e))
+                    }
                     Err(_) => Err(PublishError::transient(
                         "the Kafka producer dropped the delivery report",
                     )),
@@ -264,12 +306,25 @@ impl Sink for KafkaSink {
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             warn!(error = %e, "Kafka publish failures in batch");
         }
-        // An idempotent producer that hit a fatal error (e.g. a sequence gap the broker
-        // refuses) fails every later message: start a new one; the failed events are retried.
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            warn!(%code, reason, "the Kafka producer failed fatally; creating a new one");
+
+        // An idempotent producer that hit a fatal error, or whose identity the broker no longer
+        // accepts (fenced epoch, sequence gap), fails every later message: start a new one.
+        // Every delivery report of this batch has arrived, so nothing is in flight on the old
+        // one; the failed events are retried, in order, on the new one.
+        let fatal = self.producer.client().fatal_error();
+        if renew_producer || fatal.is_some() {
+            let reason = fatal
+                .map(|(code, reason)| format!("{code}: {reason}"))
+                .unwrap_or_else(|| "the broker fenced its producer id".into());
+            warn!(
+                reason,
+                "the Kafka producer cannot continue; creating a new one"
+            );
             match client_config(&self.config).create::<FutureProducer>() {
-                Ok(producer) => self.producer = producer,
+                Ok(producer) => {
+                    self.producer = producer;
+                    crate::metrics::record_producer_renewed();
+                }
                 Err(e) => warn!(error = %e, "cannot create a new Kafka producer; retrying later"),
             }
         }
