@@ -857,10 +857,30 @@ impl Source for WalSource {
             return Ok(false);
         }
         self.prepare_slot().await?;
-        let start = self.wait_for_slot(shutdown).await?;
+        let slot_start = self.wait_for_slot(shutdown).await?;
         if shutdown.is_cancelled() {
             return Ok(false);
         }
+        let progress = self
+            .outbox
+            .load_progress(&self.conn.client, &self.slot)
+            .await?;
+        // Postgres before 17 does not write a logical slot's confirmed position to disk when
+        // only that position moved, so after a restart the slot can be seconds behind what
+        // was confirmed (every event since would be published again). Our own progress row is
+        // committed every `status_interval`: start from whichever is newer. Not during a
+        // repair, whose recreated slot starts where the table read ends.
+        let saved = progress
+            .as_ref()
+            .and_then(|(lsn, _, _)| Lsn::parse(lsn).ok())
+            .filter(|_| self.backfill.is_none());
+        let start = match saved {
+            Some(saved) if saved > slot_start => {
+                info!(slot = %self.slot, slot_position = %slot_start, saved = %saved, "the slot is behind the saved progress (Postgres restarted); starting from the saved position");
+                saved
+            }
+            _ => slot_start,
+        };
         let repl = ReplicationClient::connect(self.replication_config(start)?)
             .await
             .map_err(replication_error)?;
@@ -869,10 +889,7 @@ impl Source for WalSource {
         // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
         // repair would start) until a transaction really is.
         self.saved = start;
-        if let Some((_, commit_time, _)) = self
-            .outbox
-            .load_progress(&self.conn.client, &self.slot)
-            .await?
+        if let Some((_, commit_time, _)) = progress
             && let Ok(row) = self
                 .conn
                 .client
