@@ -54,11 +54,12 @@ struct ChaosReport {
 impl ChaosReport {
     fn markdown_row(&self) -> String {
         format!(
-            "| {} | {} | {} | {} | {} ({} consumer redeliveries) | {} | {} / {} / {} | {:.1} s | {} | {:.0} s |",
+            "| {} | {} | {} | {} | {} | {} ({} consumer redeliveries) | {} | {} / {} / {} | {:.1} s | {} | {:.0} s |",
             self.combination,
             self.committed,
             self.delivered,
             self.lost,
+            self.dead_letters,
             self.duplicates,
             self.consumer_redeliveries,
             self.order_violations,

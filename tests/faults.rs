@@ -186,3 +186,40 @@ async fn mock_kafka_fenced_producer(mode: Mode) {
 async fn fault_an_invalidated_slot_is_repaired_from_the_table() {
     crate::wal::lost_slot_is_repaired(true).await;
 }
+
+/// Postgres before 17 does not write a logical slot's confirmed position to disk when only
+/// that position moved, so after a restart the slot may be behind what the relay confirmed.
+/// The relay must not publish those events again: after a clean stop, a Postgres restart and
+/// a new start, the events confirmed before arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_wal_postgres_restart_does_not_republish_confirmed_events() {
+    let mut s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.extra_toml = format!(
+        "[wal]\nslot = \"{}\"\nstatus_interval = \"200ms\"\n",
+        s.slot
+    );
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let url = s.db.url.clone();
+    let before = write_events(&url, "wallet", 20, 20, 2).await;
+    let got = reader.read_until(&before, READ_TIMEOUT).await;
+    tally(&before, &got).assert_complete_and_ordered();
+    // Let the confirmed position reach Postgres and the progress row.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(relay.terminate(Duration::from_secs(15)).is_some());
+    restart_postgres();
+    let relay = s.start_relay();
+    let after = write_events(&url, "wallet", 5, 4, 1).await;
+    let all: Vec<Written> = before.iter().chain(&after).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    eprintln!("wal: Postgres restarted between two runs: {t:?}");
+    t.assert_complete_and_ordered();
+    assert_eq!(
+        t.duplicates,
+        0,
+        "events confirmed before the restart were published again: {t:?}\n{}",
+        relay.logs()
+    );
+}
