@@ -6,7 +6,7 @@ CREATE TABLE IF NOT EXISTS {{dead_letters}} (
     aggregate_type  text        NOT NULL,
     aggregate_id    text        NOT NULL,
     event_type      text        NOT NULL,
-    payload         text        NOT NULL,
+    payload         bytea       NOT NULL,
     headers         text,
     traceparent     text,
     tracestate      text,

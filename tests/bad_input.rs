@@ -238,3 +238,88 @@ async fn an_event_type_too_long_for_amqp_is_dead_lettered_and_others_flow() {
     let dl = dead_letters(&s.db).await;
     assert!(dl[0].1.contains("AMQP allows at most 255"), "{dl:?}");
 }
+
+/// A bytea payload that is neither JSON nor UTF-8 (it holds a NUL byte) is dead-lettered with
+/// its exact bytes, and the relay keeps publishing. A dead-letter table of an older schema
+/// (text payload) is refused with the fix, and `migrate` converts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_payload_is_dead_lettered_byte_for_byte() {
+    let s = Scenario::of(
+        Mode::Poll,
+        Broker::Rabbitmq,
+        "[outbox]\ntable = \"bin_outbox\"\n",
+    )
+    .await;
+    let client = s.db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE bin_outbox (id uuid PRIMARY KEY, aggregate_type text NOT NULL, \
+             aggregate_id text NOT NULL, event_type text NOT NULL, payload bytea NOT NULL)",
+        )
+        .await
+        .unwrap();
+    s.migrate();
+    // An older dead-letter table: text payload. The relay refuses it, migrate converts it.
+    client
+        .batch_execute(
+            "ALTER TABLE bin_outbox_dead_letters ALTER payload TYPE text USING encode(payload, 'escape')",
+        )
+        .await
+        .unwrap();
+    let out = s.command(&["run"]);
+    assert!(
+        !out.status.success()
+            && out
+                .stderr
+                .contains("run `outbox-relay migrate` to convert it"),
+        "{}",
+        out.stderr
+    );
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let binary: Vec<u8> = vec![0xff, 0x00, b'x', 0xfe];
+    let bad = uuid::Uuid::new_v4();
+    let good = uuid::Uuid::new_v4();
+    for (id, payload) in [(bad, binary.clone()), (good, b"{\"n\": 0}".to_vec())] {
+        client
+            .execute(
+                "INSERT INTO bin_outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES ($1, 'wallet', $2, 'Happened', $3)",
+                &[&id, &id.to_string(), &payload],
+            )
+            .await
+            .unwrap();
+    }
+    let want = [Written {
+        id: good.to_string(),
+        aggregate_id: good.to_string(),
+        n: 0,
+    }];
+    let got = reader.read_until(&want, READ_TIMEOUT).await;
+    assert_eq!(tally(&want, &got).missing, 0, "{}", relay.logs());
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !dead_letters_of(&s.db, "bin_outbox_dead_letters")
+                .await
+                .is_empty()
+        })
+        .await,
+        "{}",
+        relay.logs()
+    );
+    let row = client
+        .query_one(
+            "SELECT payload, error FROM bin_outbox_dead_letters WHERE event_id = $1",
+            &[&bad.to_string()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<u8>>(0), binary);
+    assert!(
+        row.get::<_, String>(1)
+            .contains("payload is not valid JSON"),
+        "{}",
+        row.get::<_, String>(1)
+    );
+}

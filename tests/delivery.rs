@@ -258,6 +258,43 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval() {
     );
 }
 
+/// `poll.notify = false`: `migrate` drops the trigger (no NOTIFY on the service's commits)
+/// and the relay finds events by polling every `poll.interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notify_the_trigger_is_dropped_and_polling_delivers_everything() {
+    let mut s = Scenario::with_toml(Broker::Rabbitmq, "").await;
+    s.migrate();
+    let triggers = || async {
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'relay_notify' AND NOT tgisinternal",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(
+        triggers().await,
+        1,
+        "migrate installs the NOTIFY trigger by default"
+    );
+    s.extra_toml = "[poll]\nnotify = false\ninterval = \"50ms\"\n".into();
+    s.migrate();
+    assert_eq!(triggers().await, 0, "poll.notify = false drops the trigger");
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let written = write_events(&s.db.url, "wallet", 10, 20, 2).await;
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    assert!(
+        relay.logs().contains("poll.notify = false"),
+        "{}",
+        relay.logs()
+    );
+}
+
 async fn sigterm_exits_zero(mode: Mode) {
     let s = Scenario::of(mode, Broker::Kafka, "").await;
     s.migrate();

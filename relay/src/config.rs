@@ -213,9 +213,14 @@ impl ColumnsConfig {
 pub struct PollConfig {
     /// Most events read and published in one round.
     pub batch_size: usize,
-    /// Fallback poll when no NOTIFY arrives (NOTIFY wakes the relay at once).
+    /// Fallback poll when no NOTIFY arrives (NOTIFY wakes the relay at once); with
+    /// `notify = false`, the only poll.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Wake on LISTEN/NOTIFY (a statement trigger that `migrate` installs). NOTIFY takes a
+    /// database-wide lock at commit, which serialises the commits of busy writers; `false`
+    /// makes `migrate` drop the trigger and the relay poll every `interval` instead.
+    pub notify: bool,
     /// How long published events are kept for `replay` before the daemon deletes them.
     /// `0s` deletes an event as soon as the broker confirmed it.
     #[serde(with = "humantime_serde")]
@@ -233,6 +238,7 @@ impl Default for PollConfig {
         Self {
             batch_size: 1000,
             interval: Duration::from_secs(1),
+            notify: true,
             retention: Duration::from_secs(24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             standby_interval: Duration::from_secs(1),

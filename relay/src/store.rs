@@ -19,7 +19,7 @@ use crate::source::wal;
 use crate::tls::PgTarget;
 
 /// The migrations of `migrations/`, applied in order; each is idempotent.
-const MIGRATIONS: [(&str, &str); 6] = [
+const MIGRATIONS: [(&str, &str); 7] = [
     (
         "0001_outbox",
         include_str!("../../migrations/0001_outbox.sql"),
@@ -43,6 +43,10 @@ const MIGRATIONS: [(&str, &str); 6] = [
     (
         "0006_wal_progress",
         include_str!("../../migrations/0006_wal_progress.sql"),
+    ),
+    (
+        "0007_dead_letter_payload_bytea",
+        include_str!("../../migrations/0007_dead_letter_payload_bytea.sql"),
     ),
 ];
 
@@ -256,6 +260,14 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
         if wal && POLL_ONLY.contains(&name) {
             continue;
         }
+        if name == "0004_notify" && !config.poll.notify {
+            // poll.notify = false: no trigger on the service's commits.
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS relay_notify ON {table}"))
+                .await
+                .map_err(|e| Error::pg("migrate: cannot drop the NOTIFY trigger", e))?;
+            applied.push("dropped the NOTIFY trigger (poll.notify = false)".into());
+            continue;
+        }
         let mut sql = sql.to_string();
         for (from, to) in &replacements {
             sql = sql.replace(from, to);
@@ -391,6 +403,22 @@ impl Outbox {
             return Err(Error::Setup(format!(
                 "the dead-letter table `{}` does not exist; run `outbox-relay migrate`",
                 dead_letters.display()
+            )));
+        }
+        let dl_payload: Option<String> = client
+            .query_one(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = $1::text::regclass AND attname = 'payload' AND NOT attisdropped",
+                &[&dead_letters.to_string()],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot inspect the dead-letter table", e))?
+            .get(0);
+        if dl_payload.as_deref() != Some("bytea") {
+            return Err(Error::Setup(format!(
+                "the dead-letter table `{}` has a payload column of type {}, not bytea (an older schema); run `outbox-relay migrate` to convert it",
+                dead_letters.display(),
+                dl_payload.as_deref().unwrap_or("(none)")
             )));
         }
         let payload_type = column_type(&c.payload).unwrap_or_default();
@@ -659,7 +687,7 @@ impl Outbox {
                     &event.aggregate_type,
                     &event.aggregate_id,
                     &event.event_type,
-                    &String::from_utf8_lossy(&event.payload).into_owned(),
+                    &event.payload,
                     &headers_json,
                     &event.traceparent,
                     &event.tracestate,

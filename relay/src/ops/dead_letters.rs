@@ -422,9 +422,9 @@ async fn retry_poll(t: &OpsTable, where_sql: &str, params: &Params) -> Result<()
         cast(t.aggregate_id(), "m.aggregate_id"),
         cast(t.event_type(), "m.event_type"),
         if t.type_of(t.payload()) == "bytea" {
-            "convert_to(m.payload, 'UTF8')".to_string()
+            "m.payload".to_string()
         } else {
-            cast(t.payload(), "m.payload")
+            cast(t.payload(), "convert_from(m.payload, 'UTF8')")
         },
     ];
     for (column, value) in [

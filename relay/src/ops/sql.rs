@@ -416,7 +416,7 @@ pub(crate) struct DeadLetter {
     pub aggregate_id: String,
     pub event_type: String,
     #[serde(skip)]
-    pub payload: String,
+    pub payload: Vec<u8>,
     #[serde(skip)]
     pub headers: Option<String>,
     #[serde(skip)]
@@ -472,7 +472,7 @@ impl DeadLetter {
             aggregate_type: self.aggregate_type.clone(),
             aggregate_id: self.aggregate_id.clone(),
             event_type: self.event_type.clone(),
-            payload: self.payload.clone().into_bytes(),
+            payload: self.payload.clone(),
             headers,
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),

@@ -53,7 +53,11 @@ impl Source for PollSource {
     async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
-        outbox.listen(&conn.client).await?;
+        if config.poll.notify {
+            outbox.listen(&conn.client).await?;
+        } else {
+            info!(interval = ?config.poll.interval, "poll.notify = false: polling at every interval (run `outbox-relay migrate` to drop the NOTIFY trigger too)");
+        }
         Ok(Self {
             conn,
             outbox,
