@@ -10,3 +10,7 @@ CREATE TABLE IF NOT EXISTS {{wal_progress}} (
     backfill_from timestamptz,
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- The cluster the position belongs to: a copy of the database in another cluster (dump and
+-- restore, logical copy) carries this row along, and its LSN means nothing there.
+ALTER TABLE {{wal_progress}} ADD COLUMN IF NOT EXISTS system_identifier text;

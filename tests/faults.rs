@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
+use crate::support::proxy::{Proxy, Tansu, free_port};
 use crate::support::*;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
@@ -138,9 +139,11 @@ async fn mock_kafka_outage(mode: Mode) {
     );
 }
 
-/// The broker fences the relay's idempotent producer (as tansu does after librdkafka bumps
-/// the epoch of a producer whose messages timed out): every later message of that producer
-/// would fail, so the relay must start a new producer and deliver everything, in order.
+/// The broker fences the relay's idempotent producer: a Produce answered `PRODUCER_FENCED`,
+/// then the epoch bump librdkafka tries in response refused the same way, which leaves that
+/// producer unusable for good (with tansu, after an outage, every later message failed with
+/// `ProducerFenced`). The relay must start a new producer and deliver everything, in order;
+/// without a replacement nothing after the fence is ever delivered.
 async fn mock_kafka_fenced_producer(mode: Mode) {
     let cluster = MockCluster::new(1).expect("mock cluster");
     let mut s = Scenario::of(
@@ -164,8 +167,12 @@ async fn mock_kafka_fenced_producer(mode: Mode) {
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 1],
+    );
+    cluster.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 3],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 1],
     );
     let written = writers.await.unwrap();
     let received = reader.read_until(&written, READ_TIMEOUT).await;
@@ -178,6 +185,52 @@ async fn mock_kafka_fenced_producer(mode: Mode) {
             .contains("the Kafka producer cannot continue; creating a new one"),
         "the relay never replaced its producer, so the test proved nothing: {}",
         relay.logs()
+    );
+}
+
+/// The real thing: tansu behind a cut network for longer than `kafka.message_timeout`, so
+/// messages time out, librdkafka bumps the idempotent producer's epoch, and tansu answers with
+/// `PRODUCER_FENCED` from then on. The relay replaces the producer and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_outage_longer_than_message_timeout_on_tansu_loses_nothing() {
+    let port = free_port();
+    let proxy = Proxy::start(port).await;
+    let _tansu = Tansu::start(port, proxy.port);
+    let mut s = Scenario::of(
+        Mode::Poll,
+        Broker::Kafka,
+        "[delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\n",
+    )
+    .await;
+    s.kafka_brokers = format!("127.0.0.1:{}", proxy.port);
+    s.extra_toml.push_str(&format!(
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = true\npartitions = 3\nmessage_timeout = \"2s\"\n",
+        s.destination
+    ));
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let url = s.db.url.clone();
+    let writers = tokio::spawn(async move {
+        write_events_paced(&url, "wallet", 20, 30, 2, Some(Duration::from_millis(10))).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.up();
+    let written = writers.await.unwrap();
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &received);
+    let logs = relay.logs();
+    eprintln!(
+        "tansu cut for 5 s with a 2 s message timeout: {t:?}; fenced: {}, producer replaced: {}",
+        logs.contains("ProducerFenced"),
+        logs.contains("creating a new one")
+    );
+    t.assert_complete_and_ordered();
+    assert!(
+        logs.contains("MessageTimedOut"),
+        "no message timed out, so the test proved nothing: {logs}"
     );
 }
 

@@ -546,3 +546,55 @@ pub async fn lost_slot_is_repaired(invalidate: bool) {
 async fn a_dropped_slot_is_recreated_and_its_gap_published_from_the_table() {
     lost_slot_is_repaired(false).await;
 }
+
+/// A progress row that another cluster wrote (the database was copied with its tables, the
+/// slot made anew) holds an LSN that means nothing here: the relay must not start from it,
+/// even when it lies within this cluster's WAL. And `migrate` must not recreate a slot that
+/// was streamed before: that is `run`'s job, which first publishes the gap from the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_row_from_another_cluster_is_ignored_and_migrate_leaves_a_lost_slot_to_run() {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let client = s.db.client().await;
+    // Forged: a position 16 kB ahead, which the events below will pass, from another cluster.
+    client
+        .execute(
+            "INSERT INTO outbox_relay_progress (slot_name, confirmed_lsn, commit_time, system_identifier) \
+             VALUES ($1, pg_current_wal_lsn() + 16384, now(), '42')",
+            &[&s.slot],
+        )
+        .await
+        .unwrap();
+    let mut reader = s.reader(&["wallet"]).await;
+    let written = write_events(&s.db.url, "wallet", 10, 20, 2).await;
+    let mut relay = s.start_relay();
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    assert!(
+        !relay.logs().contains("starting from the saved position"),
+        "{}",
+        relay.logs()
+    );
+    assert!(relay.terminate(Duration::from_secs(15)).is_some());
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+        .await
+        .unwrap();
+    let out = s.command(&["migrate"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "migrate recreated a slot that `run` must repair");
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("left replication slot"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}

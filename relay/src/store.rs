@@ -170,6 +170,7 @@ pub struct Outbox {
     backfill_sql: Option<String>,
     progress_load_sql: String,
     progress_save_sql: String,
+    progress_trusted_sql: String,
     progress_backfill_sql: String,
     held_sql: String,
     pending_sql: Option<String>,
@@ -288,7 +289,33 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
     if wal {
         let slot = config.wal.slot_name(&cfg.table);
         wal::check_wal_level(client).await?;
-        if wal::ensure_slot(client, &slot).await? {
+        // A slot that was streamed before (its progress is saved) and is now missing must be
+        // recreated by `run`, which first publishes the events of the gap from the table;
+        // creating it here would make the relay skip them.
+        let streamed_before = client
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM {} WHERE slot_name = $1",
+                    table.sibling("_relay_progress")
+                ),
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::pg("migrate: cannot read the log-tailing progress", e))?
+            .is_some();
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::pg("migrate: cannot inspect replication slots", e))?
+            .is_some();
+        if !exists && streamed_before {
+            applied.push(format!(
+                "left replication slot {slot} missing: it was streamed before, so `outbox-relay run` recreates it and first publishes the events of the gap from the table"
+            ));
+        } else if wal::ensure_slot(client, &slot).await? {
             applied.push(format!("created replication slot {slot}"));
         }
     }
@@ -407,8 +434,8 @@ impl Outbox {
         }
         let dl_payload: Option<String> = client
             .query_one(
-                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-                 WHERE attrelid = $1::text::regclass AND attname = 'payload' AND NOT attisdropped",
+                "SELECT (SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = $1::text::regclass AND attname = 'payload' AND NOT attisdropped)",
                 &[&dead_letters.to_string()],
             )
             .await
@@ -578,10 +605,18 @@ impl Outbox {
                 "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text FROM {progress} WHERE slot_name = $1"
             ),
             progress_save_sql: format!(
-                "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time) \
-                 VALUES ($1, $2::text::pg_lsn, to_timestamp($3::float8 / 1000)) \
+                "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time, system_identifier) \
+                 VALUES ($1, $2::text::pg_lsn, to_timestamp($3::float8 / 1000), \
+                     (SELECT system_identifier::text FROM pg_control_system())) \
                  ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
-                     commit_time = EXCLUDED.commit_time, updated_at = now()"
+                     commit_time = EXCLUDED.commit_time, \
+                     system_identifier = EXCLUDED.system_identifier, updated_at = now()"
+            ),
+            // Only a position this cluster wrote, and that its WAL has reached, is trusted.
+            progress_trusted_sql: format!(
+                "SELECT confirmed_lsn::text FROM {progress} WHERE slot_name = $1 \
+                   AND system_identifier = (SELECT system_identifier::text FROM pg_control_system()) \
+                   AND confirmed_lsn <= pg_current_wal_flush_lsn()"
             ),
             progress_backfill_sql: format!(
                 "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
@@ -765,6 +800,20 @@ impl Outbox {
             .await
             .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
+    /// The saved confirmed position of `slot`, if it was written by this very cluster and is
+    /// not ahead of its WAL (a copy of the database elsewhere carries a meaningless LSN).
+    pub async fn trusted_progress_lsn(
+        &self,
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = client
+            .query_opt(&self.progress_trusted_sql, &[&slot])
+            .await
+            .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     pub async fn save_progress(

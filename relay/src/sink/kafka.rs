@@ -17,6 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
 use super::Sink;
@@ -27,6 +28,15 @@ use crate::telemetry::{Destination, start_publish_span};
 use crate::template::Template;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A topic as the broker's metadata shows it.
+enum TopicState {
+    Exists,
+    /// The broker answered, and it has no such topic.
+    Missing,
+    /// The broker answered with an error for the topic (e.g. while a leader moves).
+    Unclear(String),
+}
 
 pub struct KafkaSink {
     producer: FutureProducer,
@@ -97,7 +107,17 @@ impl KafkaSink {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
-        if !self.topic_exists(topic).await? {
+        let missing = match self.topic_state(topic).await? {
+            TopicState::Exists => false,
+            TopicState::Missing => true,
+            // Metadata in flux (a broker restarting, a leader moving): ask again later.
+            TopicState::Unclear(why) => {
+                return Err(PublishError::transient(format!(
+                    "Kafka metadata for topic `{topic}` is not usable yet: {why}"
+                )));
+            }
+        };
+        if missing {
             if !self.config.create_topics {
                 return Err(PublishError::permanent(format!(
                     "Kafka topic `{topic}` does not exist; create it, or set kafka.create_topics = true"
@@ -118,9 +138,24 @@ impl KafkaSink {
             for result in results {
                 match result {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
+                    // What the broker will answer again: the name, the settings or the rights.
+                    Err((
+                        _,
+                        code @ (RDKafkaErrorCode::InvalidTopic
+                        | RDKafkaErrorCode::InvalidPartitions
+                        | RDKafkaErrorCode::InvalidReplicationFactor
+                        | RDKafkaErrorCode::InvalidConfig
+                        | RDKafkaErrorCode::PolicyViolation
+                        | RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed),
+                    )) => {
                         return Err(PublishError::permanent(format!(
                             "cannot create Kafka topic `{topic}`: {code}"
+                        )));
+                    }
+                    Err((_, code)) => {
+                        return Err(PublishError::transient(format!(
+                            "cannot create Kafka topic `{topic}` yet: {code}"
                         )));
                     }
                 }
@@ -132,7 +167,7 @@ impl KafkaSink {
             );
             // Wait until the metadata shows it, so the first produce does not race creation.
             for _ in 0..50 {
-                if self.topic_exists(topic).await? {
+                if matches!(self.topic_state(topic).await?, TopicState::Exists) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -142,7 +177,8 @@ impl KafkaSink {
         Ok(())
     }
 
-    async fn topic_exists(&self, topic: &str) -> Result<bool, PublishError> {
+    /// What the broker's metadata says of `topic`; `Err` when metadata cannot be fetched.
+    async fn topic_state(&self, topic: &str) -> Result<TopicState, PublishError> {
         let producer = self.producer.clone();
         let name = topic.to_string();
         let metadata = tokio::task::spawn_blocking(move || {
@@ -153,10 +189,15 @@ impl KafkaSink {
         .await
         .map_err(|e| PublishError::transient(format!("metadata task failed: {e}")))?
         .map_err(|e| PublishError::transient(format!("cannot fetch Kafka metadata: {e}")))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(TopicState::Missing);
+        };
+        Ok(match t.error() {
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => TopicState::Missing,
+            Some(e) => TopicState::Unclear(format!("{}", RDKafkaErrorCode::from(e))),
+            None if t.partitions().is_empty() => TopicState::Unclear("no partitions yet".into()),
+            None => TopicState::Exists,
+        })
     }
 }
 
@@ -315,14 +356,18 @@ impl Sink for KafkaSink {
         if renew_producer || fatal.is_some() {
             let reason = fatal
                 .map(|(code, reason)| format!("{code}: {reason}"))
-                .unwrap_or_else(|| "the broker fenced its producer id".into());
+                .unwrap_or_else(|| {
+                    "the broker no longer accepts its producer id, epoch or sequence".into()
+                });
             warn!(
                 reason,
                 "the Kafka producer cannot continue; creating a new one"
             );
             match client_config(&self.config).create::<FutureProducer>() {
                 Ok(producer) => {
-                    self.producer = producer;
+                    // Destroying a librdkafka handle blocks (purge, thread joins).
+                    let old = std::mem::replace(&mut self.producer, producer);
+                    tokio::task::spawn_blocking(move || drop(old));
                     crate::metrics::record_producer_renewed();
                 }
                 Err(e) => warn!(error = %e, "cannot create a new Kafka producer; retrying later"),

@@ -868,12 +868,16 @@ impl Source for WalSource {
         // Postgres before 17 does not write a logical slot's confirmed position to disk when
         // only that position moved, so after a restart the slot can be seconds behind what
         // was confirmed (every event since would be published again). Our own progress row is
-        // committed every `status_interval`: start from whichever is newer. Not during a
-        // repair, whose recreated slot starts where the table read ends.
-        let saved = progress
-            .as_ref()
-            .and_then(|(lsn, _, _)| Lsn::parse(lsn).ok())
-            .filter(|_| self.backfill.is_none());
+        // committed every `status_interval`: start from whichever is newer — if this cluster
+        // wrote it. Not during a repair, whose recreated slot starts where the table read ends.
+        let saved = match self.backfill {
+            Some(_) => None,
+            None => self
+                .outbox
+                .trusted_progress_lsn(&self.conn.client, &self.slot)
+                .await?
+                .and_then(|lsn| Lsn::parse(&lsn).ok()),
+        };
         let start = match saved {
             Some(saved) if saved > slot_start => {
                 info!(slot = %self.slot, slot_position = %slot_start, saved = %saved, "the slot is behind the saved progress (Postgres restarted); starting from the saved position");
@@ -952,6 +956,11 @@ impl Source for WalSource {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(vec![]),
                         r = repl.recv() => r,
+                        // Idle: still save progress (and do the chores) every status interval.
+                        _ = tokio::time::sleep(self.config.wal.status_interval) => {
+                            self.housekeeping().await?;
+                            continue;
+                        }
                     }
                 } else {
                     // Only what is already buffered: do not hold a batch back waiting.
@@ -1027,6 +1036,21 @@ impl Source for WalSource {
             debug!(error = %e, "replication stream did not close cleanly");
         }
         self.repl = None;
+        // And in our own progress row, which outlives a Postgres restart (the slot's position
+        // may not: see `lead`).
+        if self.confirmed > self.saved
+            && let Err(e) = self
+                .outbox
+                .save_progress(
+                    &self.conn.client,
+                    &self.slot,
+                    &self.confirmed.to_pg_string(),
+                    self.confirmed_commit_ms,
+                )
+                .await
+        {
+            debug!(error = %e, "cannot save the final progress");
+        }
     }
 
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
