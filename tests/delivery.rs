@@ -289,7 +289,9 @@ async fn without_notify_the_trigger_is_dropped_and_polling_delivers_everything()
     let got = reader.read_until(&written, READ_TIMEOUT).await;
     tally(&written, &got).assert_complete_and_ordered();
     assert!(
-        relay.logs().contains("poll.notify = false"),
+        relay
+            .logs()
+            .contains("poll.notify = false: polling every interval"),
         "{}",
         relay.logs()
     );

@@ -643,6 +643,19 @@ impl Outbox {
         Ok(row.get(0))
     }
 
+    /// Whether `migrate`'s NOTIFY trigger is on the table.
+    pub async fn has_notify_trigger(&self, client: &Client) -> Result<bool, Error> {
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass \
+                 AND tgname = 'relay_notify' AND NOT tgisinternal)",
+                &[&self.table.to_string()],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(|e| Error::pg("cannot inspect the outbox table's triggers", e))
+    }
+
     pub async fn listen(&self, client: &Client) -> Result<(), Error> {
         client
             .batch_execute(&format!("LISTEN {}", quote(&self.channel)))

@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::Source;
 use crate::config::{Config, PollConfig};
@@ -53,10 +53,18 @@ impl Source for PollSource {
     async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
+        let trigger = outbox.has_notify_trigger(&conn.client).await?;
         if config.poll.notify {
             outbox.listen(&conn.client).await?;
+            if !trigger {
+                warn!(interval = ?config.poll.interval, "the outbox has no NOTIFY trigger, so new events are found by the interval poll only; run `outbox-relay migrate` (with poll.notify = true) to install it, or set poll.notify = false");
+            }
+        } else if trigger {
+            warn!(
+                "poll.notify = false, but the NOTIFY trigger is still on the outbox and still serialises the service's commits; run `outbox-relay migrate` with poll.notify = false to drop it"
+            );
         } else {
-            info!(interval = ?config.poll.interval, "poll.notify = false: polling at every interval (run `outbox-relay migrate` to drop the NOTIFY trigger too)");
+            info!(interval = ?config.poll.interval, "poll.notify = false: polling every interval");
         }
         Ok(Self {
             conn,
