@@ -18,6 +18,19 @@ use crate::ident::{QualifiedName, quote};
 use crate::source::wal;
 use crate::tls::PgTarget;
 
+/// Where log tailing got to for one slot (times as text).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub confirmed_lsn: String,
+    /// Commit time of the newest confirmed transaction: where a repair of a lost slot starts.
+    pub commit_time: String,
+    /// Set while a repair is publishing the gap from the table.
+    pub backfill_from: Option<String>,
+    /// Written by this very cluster and not ahead of its WAL: a copy of the database in
+    /// another cluster carries the row along, with an LSN that means nothing there.
+    pub trusted: bool,
+}
+
 /// The migrations of `migrations/`, applied in order; each is idempotent.
 const MIGRATIONS: [(&str, &str); 7] = [
     (
@@ -170,7 +183,6 @@ pub struct Outbox {
     backfill_sql: Option<String>,
     progress_load_sql: String,
     progress_save_sql: String,
-    progress_trusted_sql: String,
     progress_backfill_sql: String,
     held_sql: String,
     pending_sql: Option<String>,
@@ -303,15 +315,7 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
             .await
             .map_err(|e| Error::pg("migrate: cannot read the log-tailing progress", e))?
             .is_some();
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| Error::pg("migrate: cannot inspect replication slots", e))?
-            .is_some();
-        if !exists && streamed_before {
+        if streamed_before && !wal::slot_exists(client, &slot).await? {
             applied.push(format!(
                 "left replication slot {slot} missing: it was streamed before, so `outbox-relay run` recreates it and first publishes the events of the gap from the table"
             ));
@@ -602,7 +606,11 @@ impl Outbox {
             ),
             backfill_sql,
             progress_load_sql: format!(
-                "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text FROM {progress} WHERE slot_name = $1"
+                "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text, \
+                        system_identifier IS NOT DISTINCT FROM \
+                            (SELECT system_identifier::text FROM pg_control_system()) \
+                        AND confirmed_lsn <= pg_current_wal_flush_lsn() \
+                 FROM {progress} WHERE slot_name = $1"
             ),
             progress_save_sql: format!(
                 "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time, system_identifier) \
@@ -611,12 +619,6 @@ impl Outbox {
                  ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
                      commit_time = EXCLUDED.commit_time, \
                      system_identifier = EXCLUDED.system_identifier, updated_at = now()"
-            ),
-            // Only a position this cluster wrote, and that its WAL has reached, is trusted.
-            progress_trusted_sql: format!(
-                "SELECT confirmed_lsn::text FROM {progress} WHERE slot_name = $1 \
-                   AND system_identifier = (SELECT system_identifier::text FROM pg_control_system()) \
-                   AND confirmed_lsn <= pg_current_wal_flush_lsn()"
             ),
             progress_backfill_sql: format!(
                 "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
@@ -801,32 +803,22 @@ impl Outbox {
         Ok(stats)
     }
 
-    /// Wal mode's saved position of `slot`: (confirmed LSN, commit time, unfinished repair's
-    /// start), times as text.
+    /// Wal mode's saved position of `slot`.
     pub async fn load_progress(
         &self,
         client: &Client,
         slot: &str,
-    ) -> Result<Option<(String, String, Option<String>)>, Error> {
+    ) -> Result<Option<Progress>, Error> {
         let row = client
             .query_opt(&self.progress_load_sql, &[&slot])
             .await
             .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-    }
-
-    /// The saved confirmed position of `slot`, if it was written by this very cluster and is
-    /// not ahead of its WAL (a copy of the database elsewhere carries a meaningless LSN).
-    pub async fn trusted_progress_lsn(
-        &self,
-        client: &Client,
-        slot: &str,
-    ) -> Result<Option<String>, Error> {
-        let row = client
-            .query_opt(&self.progress_trusted_sql, &[&slot])
-            .await
-            .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| Progress {
+            confirmed_lsn: r.get(0),
+            commit_time: r.get(1),
+            backfill_from: r.get(2),
+            trusted: r.get::<_, Option<bool>>(3).unwrap_or(false),
+        }))
     }
 
     pub async fn save_progress(

@@ -177,6 +177,19 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Bookkeeping for a message that failed with `e`: a topic reported unknown is checked
+    /// again (and created, if configured) before the retry. `true` when the producer itself
+    /// must be replaced.
+    fn failed(&mut self, e: &KafkaError, topic: &str) -> bool {
+        if matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+        ) {
+            self.known_topics.remove(topic);
+        }
+        producer_state_lost(e)
+    }
+
     /// What the broker's metadata says of `topic`; `Err` when metadata cannot be fetched.
     async fn topic_state(&self, topic: &str) -> Result<TopicState, PublishError> {
         let producer = self.producer.clone();
@@ -217,13 +230,6 @@ fn producer_state_lost(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::Fenced
                 | RDKafkaErrorCode::Fatal
         )
-    )
-}
-
-fn unknown_topic(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
     )
 }
 
@@ -312,10 +318,7 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        renew_producer |= producer_state_lost(&e);
-                        if unknown_topic(&e) {
-                            self.known_topics.remove(topic);
-                        }
+                        renew_producer |= self.failed(&e, topic);
                         pending.push(Pending::Failed(classify(&e)));
                         break;
                     }
@@ -329,11 +332,7 @@ impl Sink for KafkaSink {
                 Pending::Sent(delivery) => match delivery.await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err((e, _))) => {
-                        renew_producer |= producer_state_lost(&e);
-                        if unknown_topic(&e) {
-                            // Checked again (and created, if configured) before the retry.
-                            self.known_topics.remove(topic);
-                        }
+                        renew_producer |= self.failed(&e, topic);
                         Err(classify(&e))
                     }
                     Err(_) => Err(PublishError::transient(

@@ -59,9 +59,13 @@ pub async fn check_wal_level(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, Error> {
+    Ok(slot_info(client, slot).await?.is_some())
+}
+
 /// Creates the pgoutput slot when missing; `true` if it was created.
 pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, Error> {
-    if slot_info(client, slot).await?.is_some() {
+    if slot_exists(client, slot).await? {
         return Ok(false);
     }
     client
@@ -482,7 +486,7 @@ impl WalSource {
             .as_ref()
             .is_some_and(|i| i.wal_status.as_deref() == Some("lost"));
         if info.is_some() && !lost {
-            if let Some((_, _, Some(from))) = progress {
+            if let Some(from) = progress.and_then(|p| p.backfill_from) {
                 info!(
                     slot,
                     from, "resuming the unfinished repair of the slot's gap"
@@ -515,10 +519,10 @@ impl WalSource {
         }
         let margin = format!("{} milliseconds", self.config.wal.repair_margin.as_millis());
         let from: String = match &progress {
-            Some((_, commit_time, _)) => client
+            Some(p) => client
                 .query_one(
                     "SELECT ($1::text::timestamptz - $2::text::interval)::text",
-                    &[commit_time, &margin],
+                    &[&p.commit_time, &margin],
                 )
                 .await
                 .map_err(|e| Error::pg("cannot compute the repair's start", e))?
@@ -772,10 +776,9 @@ impl WalSource {
         Ok(())
     }
 
-    async fn housekeeping(&mut self) -> Result<(), Error> {
-        if self.confirmed > self.saved
-            && self.progress_saved_at.elapsed() >= self.config.wal.status_interval
-        {
+    /// Records the confirmed position in our progress row, if it moved since the last save.
+    async fn save_progress(&mut self) -> Result<(), Error> {
+        if self.confirmed > self.saved {
             self.outbox
                 .save_progress(
                     &self.conn.client,
@@ -786,6 +789,13 @@ impl WalSource {
                 .await?;
             self.saved = self.confirmed;
             self.progress_saved_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn housekeeping(&mut self) -> Result<(), Error> {
+        if self.progress_saved_at.elapsed() >= self.config.wal.status_interval {
+            self.save_progress().await?;
         }
         if self.held_loaded.elapsed() > Duration::from_secs(5) {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
@@ -870,14 +880,10 @@ impl Source for WalSource {
         // was confirmed (every event since would be published again). Our own progress row is
         // committed every `status_interval`: start from whichever is newer — if this cluster
         // wrote it. Not during a repair, whose recreated slot starts where the table read ends.
-        let saved = match self.backfill {
-            Some(_) => None,
-            None => self
-                .outbox
-                .trusted_progress_lsn(&self.conn.client, &self.slot)
-                .await?
-                .and_then(|lsn| Lsn::parse(&lsn).ok()),
-        };
+        let saved = progress
+            .as_ref()
+            .filter(|p| p.trusted && self.backfill.is_none())
+            .and_then(|p| Lsn::parse(&p.confirmed_lsn).ok());
         let start = match saved {
             Some(saved) if saved > slot_start => {
                 info!(slot = %self.slot, slot_position = %slot_start, saved = %saved, "the slot is behind the saved progress (Postgres restarted); starting from the saved position");
@@ -893,13 +899,13 @@ impl Source for WalSource {
         // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
         // repair would start) until a transaction really is.
         self.saved = start;
-        if let Some((_, commit_time, _)) = progress
+        if let Some(p) = progress
             && let Ok(row) = self
                 .conn
                 .client
                 .query_one(
                     "SELECT (extract(epoch from $1::text::timestamptz) * 1000)::bigint",
-                    &[&commit_time],
+                    &[&p.commit_time],
                 )
                 .await
         {
@@ -1038,18 +1044,8 @@ impl Source for WalSource {
         self.repl = None;
         // And in our own progress row, which outlives a Postgres restart (the slot's position
         // may not: see `lead`).
-        if self.confirmed > self.saved
-            && let Err(e) = self
-                .outbox
-                .save_progress(
-                    &self.conn.client,
-                    &self.slot,
-                    &self.confirmed.to_pg_string(),
-                    self.confirmed_commit_ms,
-                )
-                .await
-        {
-            debug!(error = %e, "cannot save the final progress");
+        if let Err(e) = self.save_progress().await {
+            warn!(error = %e, "cannot save the final log-tailing progress; the next start may publish the last events again");
         }
     }
 
