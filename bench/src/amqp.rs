@@ -199,6 +199,7 @@ pub async fn spawn_consumer(
                 id,
                 recv_us,
                 t_us,
+                order: pg::payload_order(&delivery.data),
                 bytes: delivery.data.len(),
             });
         }

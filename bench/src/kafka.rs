@@ -232,6 +232,7 @@ pub fn spawn_consumer(
                 id,
                 recv_us,
                 t_us,
+                order: msg.payload().and_then(pg::payload_order),
                 bytes: msg.payload().map(<[u8]>::len).unwrap_or(0),
             });
         }

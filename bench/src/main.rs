@@ -5,7 +5,9 @@
 //!    decoding through `pg_logical_slot_peek_binary_changes` for wal, a claim-and-read SQL loop
 //!    for poll).
 //! 2. Drain: a backlog written first, then the real relay binary started; timed from its start
-//!    until a consumer has read every event (poll and wal × Kafka and RabbitMQ).
+//!    until a consumer has read every event (poll and wal × Kafka and RabbitMQ), for each key
+//!    distribution of `--workloads` (spread, 10 aggregates, 1 aggregate, Zipf, one transaction),
+//!    each with a time limit; the consumer checks per-aggregate order.
 //! 3. Latency: writers at fixed offered rates; commit-to-consumer from per-event timestamps,
 //!    commit-to-ack from the relay's own histogram.
 //! 4. Footprint: the relay's peak RSS and CPU seconds, from `/proc`.
@@ -21,6 +23,7 @@ mod pg;
 mod relay;
 mod report;
 mod stats;
+mod workload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,6 +41,7 @@ pub use pg::now_us;
 use relay::Setup;
 use report::{AckQuantiles, Ceilings, Drain, Latency, Report, Settings, WalCeiling};
 use stats::{Buckets, Percentiles};
+use workload::{OrderCheck, Workload};
 
 const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
 const BATCH_SIZE: &str = "outbox_relay_batch_size";
@@ -50,7 +54,8 @@ const ATTEMPTS: u32 = 3;
     about = "Benchmarks outbox-relay: ceilings, drain throughput, latency and footprint, in one run"
 )]
 struct Args {
-    /// Short variant for CI: 20,000-event backlogs and 5 s latency runs; reports to
+    /// Short variant for CI: 20,000-event backlogs (2,000 for `1` and `10`), workloads
+    /// spread,1,zipf, 10 s per drain at most, 5 s latency runs; reports to
     /// bench/results/quick unless --out is given. No timing assertions either way.
     #[arg(long)]
     quick: bool,
@@ -66,6 +71,19 @@ struct Args {
     /// Aggregates the events are spread over.
     #[arg(long, default_value_t = 10_000)]
     aggregates: u64,
+    /// Drain backlogs, each drained by every combination: `spread` (uniform over --aggregates),
+    /// `10` (10 aggregates), `1` (one aggregate), `zipf` (Zipf(1.1) over --aggregates),
+    /// `one-txn` (at most 100,000 events in one transaction, over --aggregates)
+    /// [default: spread,10,1,zipf,one-txn; quick: spread,1,zipf].
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Time limit of each drain from the relay's start; a drain not done by then is reported as
+    /// timed out with the rate so far [default: 40, quick: 10].
+    #[arg(long)]
+    drain_limit_secs: Option<u64>,
+    /// Events of the `1` and `10` backlogs (at most --events) [default: 100000, quick: 2000].
+    #[arg(long)]
+    hot_events: Option<u64>,
     /// Concurrent writer connections (commit ceiling, latency).
     #[arg(long, default_value_t = 16)]
     writers: usize,
@@ -168,6 +186,8 @@ pub struct Seen {
     pub recv_us: i64,
     /// `clock_timestamp()` at insert, from the payload.
     pub t_us: Option<i64>,
+    /// `(aggregate, sequence number within it)`, from the payload.
+    pub order: Option<(u64, u64)>,
     pub bytes: usize,
 }
 
@@ -322,8 +342,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// Ceilings that do not depend on a relay: commit rate, both brokers, the poll source.
-async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
+/// Ceilings that do not depend on a relay: commit rate, the brokers of `combos`, the poll source.
+async fn ceilings(ctx: &mut Ctx, combos: &[Combo]) -> Result<Ceilings> {
     let a = &ctx.args;
     let s = ctx.settings.clone();
     let mut c = Ceilings {
@@ -333,11 +353,16 @@ async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
 
     // Once with the wal schema (plain table) and once with the poll schema, whose statement
     // trigger NOTIFYs at commit (Postgres serialises the commits of notifying transactions).
+    // Only the sources and brokers some combination of this run uses.
+    let uses_source = |k: SourceKind| combos.iter().any(|c| c.source == k);
     for (combo, listen) in [
         (Combo::ALL[0], false),
         (Combo::ALL[1], false),
         (Combo::ALL[1], true),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(c, _)| uses_source(c.source))
+    {
         let schema = format!(
             "{} schema{}",
             combo.source.as_str(),
@@ -380,52 +405,63 @@ async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
         }
     }
 
-    ctx.log(format!(
-        "ceiling: plain Kafka producer, {} messages",
-        s.events
-    ));
-    let topic = format!("bench_{}_producer", ctx.run_id);
-    kafka::create_topic(&a.kafka_brokers, &topic).await?;
-    let t = kafka::producer_ceiling(&a.kafka_brokers, &topic, s.events, s.aggregates).await?;
-    kafka::delete_topic(&a.kafka_brokers, &topic).await;
-    c.kafka_producer_msgs_per_sec = s.events as f64 / t.as_secs_f64();
+    if combos.iter().any(|c| c.sink == SinkKind::Kafka) {
+        ctx.log(format!(
+            "ceiling: plain Kafka producer, {} messages",
+            s.events
+        ));
+        let topic = format!("bench_{}_producer", ctx.run_id);
+        kafka::create_topic(&a.kafka_brokers, &topic).await?;
+        let t = kafka::producer_ceiling(&a.kafka_brokers, &topic, s.events, s.aggregates).await?;
+        kafka::delete_topic(&a.kafka_brokers, &topic).await;
+        c.kafka_producer_msgs_per_sec = s.events as f64 / t.as_secs_f64();
+    }
+    if combos.iter().any(|c| c.sink == SinkKind::Rabbitmq) {
+        ctx.log(format!(
+            "ceiling: plain RabbitMQ publisher, {} messages",
+            s.events
+        ));
+        let exchange = format!("bench_{}_publisher", ctx.run_id);
+        amqp::declare(&a.amqp_url, &exchange, &exchange).await?;
+        let t = amqp::publisher_ceiling(&a.amqp_url, &exchange, s.events, s.aggregates).await;
+        amqp::delete(&a.amqp_url, &exchange, &exchange).await;
+        c.rabbitmq_publisher_msgs_per_sec = s.events as f64 / t?.as_secs_f64();
+    }
 
-    ctx.log(format!(
-        "ceiling: plain RabbitMQ publisher, {} messages",
-        s.events
-    ));
-    let exchange = format!("bench_{}_publisher", ctx.run_id);
-    amqp::declare(&a.amqp_url, &exchange, &exchange).await?;
-    let t = amqp::publisher_ceiling(&a.amqp_url, &exchange, s.events, s.aggregates).await;
-    amqp::delete(&a.amqp_url, &exchange, &exchange).await;
-    c.rabbitmq_publisher_msgs_per_sec = s.events as f64 / t?.as_secs_f64();
-
-    ctx.log(format!(
-        "ceiling: poll source (SQL claim-and-read loop), {} events",
-        s.events
-    ));
-    let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollsql").await?;
-    let setup = ctx.setup(Combo::ALL[1], &db, "pollsql");
-    setup.migrate()?;
-    pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
-    db.client()
-        .await?
-        .batch_execute("VACUUM ANALYZE outbox")
-        .await?;
-    let (rows, bytes, t) = pg::poll_ceiling(&db.url).await?;
-    c.poll_source_events_per_sec = rows as f64 / t.as_secs_f64();
-    c.poll_source_mb_per_sec = bytes as f64 / 1e6 / t.as_secs_f64();
-    db.drop_now().await?;
+    if uses_source(SourceKind::Poll) {
+        ctx.log(format!(
+            "ceiling: poll source (SQL claim-and-read loop), {} events",
+            s.events
+        ));
+        let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollsql").await?;
+        let setup = ctx.setup(Combo::ALL[1], &db, "pollsql");
+        setup.migrate()?;
+        pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+        db.client()
+            .await?
+            .batch_execute("VACUUM ANALYZE outbox")
+            .await?;
+        let (rows, bytes, t) = pg::poll_ceiling(&db.url).await?;
+        c.poll_source_events_per_sec = rows as f64 / t.as_secs_f64();
+        c.poll_source_mb_per_sec = bytes as f64 / 1e6 / t.as_secs_f64();
+        db.drop_now().await?;
+    }
     Ok(c)
 }
 
 /// Backlog first, then the relay; timed until the consumer has read every event. The database,
 /// topic or exchange are removed whatever the outcome.
-async fn drain(ctx: &mut Ctx, combo: Combo, ceilings: &mut Ceilings) -> Result<Drain> {
-    let label = format!("{}_drain", combo.label());
+async fn drain(
+    ctx: &mut Ctx,
+    combo: Combo,
+    workload: Workload,
+    ceilings: &mut Ceilings,
+) -> Result<Drain> {
+    let phase = format!("drain_{}", workload.label());
+    let label = format!("{}_{phase}", combo.label());
     let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
-    let setup = ctx.setup(combo, &db, "drain");
-    let result = drain_on(ctx, &db, &setup, ceilings).await;
+    let setup = ctx.setup(combo, &db, &phase);
+    let result = drain_on(ctx, &db, &setup, workload, ceilings).await;
     ctx.cleanup_broker(&setup).await;
     let dropped = db.drop_now().await;
     let d = result?;
@@ -437,37 +473,51 @@ async fn drain_on(
     ctx: &mut Ctx,
     db: &BenchDb,
     setup: &Setup,
+    workload: Workload,
     ceilings: &mut Ceilings,
 ) -> Result<Drain> {
     let s = ctx.settings.clone();
     let combo = setup.combo;
+    let events = s.events_of(workload);
+    let title = format!("{} ({})", combo.title(), workload.name());
     ctx.log(format!(
-        "drain {}: writing {} events",
-        combo.title(),
-        s.events
+        "drain {title}: writing {events} events, {}",
+        workload.describe(s.aggregates)
     ));
     // In wal mode this creates the publication and the slot: before the backlog, so the slot
     // holds every event.
     setup.migrate()?;
     ctx.prepare_broker(setup).await?;
-    let write = pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+    let write = pg::write_events(
+        &db.url,
+        workload.keys(events, s.aggregates),
+        4,
+        workload.one_transaction(),
+    )
+    .await?;
     let client = db.client().await?;
     client.batch_execute("VACUUM ANALYZE outbox").await?;
     let avg_payload = pg::average_payload_bytes(&client).await?;
     let wal_end = pg::current_lsn(&client).await?;
 
-    let source_ceiling = match combo.source {
-        SourceKind::Poll => ceilings.poll_source_events_per_sec,
-        SourceKind::Wal => {
-            ctx.log(format!(
-                "drain {}: pgoutput decoding ceiling (peek)",
-                combo.title()
-            ));
+    // The wal source ceiling of a combination is measured on its first backlog (`spread`
+    // unless --workloads leaves it out) and used for all its workloads.
+    let known_wal = ceilings
+        .wal_source
+        .iter()
+        .find(|w| w.combo == combo.title())
+        .map(|w| w.events_per_sec);
+    let source_ceiling = match (combo.source, known_wal) {
+        (SourceKind::Poll, _) => ceilings.poll_source_events_per_sec,
+        (SourceKind::Wal, Some(rate)) if workload != Workload::Spread => rate,
+        (SourceKind::Wal, _) => {
+            ctx.log(format!("drain {title}: pgoutput decoding ceiling (peek)"));
             let (rows, t) = pg::peek_ceiling(&db.url, &setup.slot).await?;
-            let rate = s.events as f64 / t.as_secs_f64();
+            let rate = events as f64 / t.as_secs_f64();
             ceilings.wal_source.retain(|w| w.combo != combo.title());
             ceilings.wal_source.push(WalCeiling {
                 combo: combo.title(),
+                backlog: workload.name().into(),
                 rows,
                 seconds: t.as_secs_f64(),
                 events_per_sec: rate,
@@ -480,13 +530,17 @@ async fn drain_on(
         SinkKind::Rabbitmq => ceilings.rabbitmq_publisher_msgs_per_sec,
     };
 
-    ctx.log(format!("drain {}: relay started", combo.title()));
+    let limit = Duration::from_secs(s.drain_limit_secs);
+    ctx.log(format!(
+        "drain {title}: relay started (time limit {} s)",
+        limit.as_secs()
+    ));
     let stop = Arc::new(AtomicBool::new(false));
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + limit;
     let consumer = ctx
         .consumer(
             setup,
-            Arc::new(AtomicUsize::new(s.events as usize)),
+            Arc::new(AtomicUsize::new(events as usize)),
             0,
             deadline,
             stop.clone(),
@@ -518,23 +572,17 @@ async fn drain_on(
     };
     let metrics_addr = relay.metrics_addr().await;
     let seen = consumer.join().await?;
-    let cpu_wall = (now_us() - start_us) as f64 / 1e6;
+    let end_us = now_us();
+    let cpu_wall = (end_us - start_us) as f64 / 1e6;
     let cpu_share = relay::CpuSnapshot::take().since(&cpu_before, relay.pid(), cpu_wall);
     let footprint = relay.footprint();
     let scraped = match &metrics_addr {
         Some(addr) => relay::scrape(addr).await.ok(),
         None => None,
     };
-    // Give the source's confirmation (wal: the next status update) a moment to land.
-    let source_done = tokio::time::timeout(Duration::from_secs(15), monitor).await;
-    stop.store(true, Ordering::Relaxed);
-    relay.stop();
-    let source_done_us = match source_done {
-        Ok(Ok(Ok(t))) => t,
-        _ => None,
-    };
 
     let mut distinct = std::collections::HashSet::with_capacity(seen.len());
+    let mut order = OrderCheck::default();
     let mut first_us = i64::MAX;
     let mut last_us = 0;
     let mut bytes = 0u64;
@@ -543,43 +591,91 @@ async fn drain_on(
             first_us = first_us.min(m.recv_us);
             last_us = last_us.max(m.recv_us);
             bytes += m.bytes as u64;
+            if let Some((aggregate, seq)) = m.order {
+                order.first_delivery(aggregate, seq);
+            }
         }
     }
-    if (distinct.len() as u64) < s.events {
-        bail!(
-            "drain {}: the consumer read {} of {} events before the deadline; relay log: {}",
-            combo.title(),
-            distinct.len(),
-            s.events,
-            relay.log.display()
-        );
+    let read = distinct.len() as u64;
+    let timed_out = read < events;
+    // Give the source's confirmation (wal: the next status update) a moment to land; a drain
+    // that timed out is not waited for.
+    if timed_out {
+        stop.store(true, Ordering::Relaxed);
     }
-    let seconds = (last_us - start_us) as f64 / 1e6;
-    let rate = s.events as f64 / seconds;
+    let source_done = tokio::time::timeout(Duration::from_secs(15), monitor).await;
+    stop.store(true, Ordering::Relaxed);
+    if timed_out {
+        // A relay that died is a failed measurement (repeated), not a slow one.
+        relay.check_alive().with_context(|| {
+            format!("drain {title}: the consumer read {read} of {events} events")
+        })?;
+    }
+    relay.stop();
+    let source_done_us = match source_done {
+        Ok(Ok(Ok(t))) => t,
+        _ => None,
+    };
+    if timed_out {
+        ctx.log(format!(
+            "drain {title}: timed out after {} s with {read} of {events} events read; relay log: {}",
+            limit.as_secs(),
+            relay.log.display()
+        ));
+    }
+    if order.violations > 0 {
+        ctx.log(format!(
+            "drain {title}: {} of {} first deliveries went backwards in their aggregate's sequence",
+            order.violations, order.checked
+        ));
+    }
+    // Done: until the last event was read. Timed out: until the consumer gave up.
+    let seconds = if timed_out {
+        (end_us - start_us) as f64 / 1e6
+    } else {
+        (last_us - start_us) as f64 / 1e6
+    };
+    let rate = read as f64 / seconds;
     let relay_ceiling = source_ceiling.min(broker_ceiling);
     let mean_batch = scraped
         .as_deref()
         .and_then(|m| stats::sum_and_count(m, BATCH_SIZE))
         .and_then(|(sum, n)| (n > 0.0).then_some(sum / n));
+    let (first_after, steady) = if read >= 2 {
+        (
+            (first_us - start_us) as f64 / 1e6,
+            (read - 1) as f64 / ((last_us - first_us).max(1) as f64 / 1e6),
+        )
+    } else {
+        (seconds, 0.0)
+    };
     Ok(Drain {
         combo: combo.title(),
-        events: s.events,
+        workload: workload.name().into(),
+        workload_description: workload.describe(s.aggregates),
+        events,
+        events_read: read,
+        timed_out,
+        time_limit_seconds: limit.as_secs(),
         backlog_write_seconds: write.as_secs_f64(),
         avg_payload_bytes: avg_payload,
         seconds,
         events_per_sec: rate,
         mb_per_sec: bytes as f64 / 1e6 / seconds,
-        first_message_after_seconds: (first_us - start_us) as f64 / 1e6,
-        steady_events_per_sec: (s.events - 1) as f64 / ((last_us - first_us) as f64 / 1e6),
+        first_message_after_seconds: first_after,
+        steady_events_per_sec: steady,
         source_done_after_seconds: source_done_us.map(|t| (t - start_us) as f64 / 1e6),
         source_ceiling,
         broker_ceiling,
         relay_ceiling,
         ratio_to_ceiling: rate / relay_ceiling,
+        ratio_to_spread: None,
         duplicates: seen.len() - distinct.len(),
+        order_checked: order.checked,
+        order_violations: order.violations,
         peak_rss_mib: mib(footprint.peak_rss_kib),
         cpu_seconds: footprint.cpu_seconds,
-        cpu_seconds_per_100k: footprint.cpu_seconds * 100_000.0 / s.events as f64,
+        cpu_seconds_per_100k: footprint.cpu_seconds * 100_000.0 / read.max(1) as f64,
         mean_batch_size: mean_batch,
         cpu_cores_by_process: cpu_share,
     })
@@ -761,10 +857,38 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
 async fn run(args: Args) -> Result<Report> {
     relay::ensure_binary(&args.relay_bin)?;
     let quick = args.quick;
+    let workload_names: Vec<String> = if args.workloads.is_empty() {
+        let default = if quick {
+            "spread,1,zipf"
+        } else {
+            "spread,10,1,zipf,one-txn"
+        };
+        default.split(',').map(String::from).collect()
+    } else {
+        args.workloads.clone()
+    };
+    let mut workloads = Vec::new();
+    for name in &workload_names {
+        let w = Workload::parse(name)?;
+        if !workloads.contains(&w) {
+            workloads.push(w);
+        }
+    }
+    if workloads.is_empty() {
+        bail!("--workloads is empty; use {}", Workload::NAMES);
+    }
+    let events = args.events.unwrap_or(if quick { 20_000 } else { 200_000 });
     let settings = Settings {
         mode: if quick { "quick" } else { "full" }.into(),
-        events: args.events.unwrap_or(if quick { 20_000 } else { 200_000 }),
+        events,
         aggregates: args.aggregates,
+        workloads: workloads.iter().map(|w| w.name().to_string()).collect(),
+        drain_limit_secs: args.drain_limit_secs.unwrap_or(if quick { 10 } else { 40 }),
+        hot_events: args
+            .hot_events
+            .unwrap_or(if quick { 2_000 } else { 100_000 })
+            .min(events),
+        one_txn_events: events.min(workload::ONE_TXN_MAX_EVENTS),
         payload_bytes: pg::PAYLOAD_BYTES,
         writers: args.writers,
         rates: args.rates.clone(),
@@ -809,7 +933,7 @@ async fn run(args: Args) -> Result<Report> {
         ctx.dir.display()
     ));
     let started = ctx.started;
-    let result = measure(&mut ctx, &combos).await;
+    let result = measure(&mut ctx, &combos, &workloads).await;
     if let Err(e) = pg::drop_run_databases(&ctx.args.pg_admin_url, &ctx.run_id).await {
         ctx.log(format!("cannot drop this run's databases: {e:#}"));
     }
@@ -828,10 +952,14 @@ async fn run(args: Args) -> Result<Report> {
 }
 
 /// Every phase in order, each repeated when a shared service was restarted under it.
-async fn measure(ctx: &mut Ctx, combos: &[Combo]) -> Result<(Ceilings, Vec<Drain>, Vec<Latency>)> {
+async fn measure(
+    ctx: &mut Ctx,
+    combos: &[Combo],
+    workloads: &[Workload],
+) -> Result<(Ceilings, Vec<Drain>, Vec<Latency>)> {
     let mut ceilings = None;
     for attempt in 1..=ATTEMPTS {
-        match self::ceilings(ctx).await {
+        match self::ceilings(ctx, combos).await {
             Ok(c) => {
                 ceilings = Some(c);
                 break;
@@ -842,22 +970,23 @@ async fn measure(ctx: &mut Ctx, combos: &[Combo]) -> Result<(Ceilings, Vec<Drain
     let mut ceilings = ceilings.context("ceilings were not measured")?;
     let mut drains = Vec::new();
     for &combo in combos {
-        for attempt in 1..=ATTEMPTS {
-            match drain(ctx, combo, &mut ceilings).await {
-                Ok(d) => {
-                    ctx.log(format!(
-                        "drain {}: {:.0} events/s, {:.2} × ceiling, peak RSS {:.1} MiB",
-                        combo.title(),
-                        d.events_per_sec,
-                        d.ratio_to_ceiling,
-                        d.peak_rss_mib
-                    ));
-                    drains.push(d);
-                    break;
-                }
-                Err(e) => {
-                    ctx.failed(&format!("drain {}", combo.title()), attempt, e)
-                        .await?
+        for &workload in workloads {
+            let title = format!("{} ({})", combo.title(), workload.name());
+            for attempt in 1..=ATTEMPTS {
+                match drain(ctx, combo, workload, &mut ceilings).await {
+                    Ok(d) => {
+                        ctx.log(format!(
+                            "drain {title}: {:.0} events/s{}, {:.2} × ceiling, {} order violations, peak RSS {:.1} MiB",
+                            d.events_per_sec,
+                            if d.timed_out { " so far (timed out)" } else { "" },
+                            d.ratio_to_ceiling,
+                            d.order_violations,
+                            d.peak_rss_mib
+                        ));
+                        drains.push(d);
+                        break;
+                    }
+                    Err(e) => ctx.failed(&format!("drain {title}"), attempt, e).await?,
                 }
             }
         }

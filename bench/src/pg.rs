@@ -2,9 +2,11 @@
 //! ceiling, paced writers for latency) and the two source ceilings (pgoutput decoding of the
 //! backlog through `pg_logical_slot_peek_binary_changes`, and a plain SQL claim-and-read loop).
 //!
-//! Every event is one transaction of one `INSERT`, as a service writes them. Its payload is
-//! 512 bytes of JSON (as Postgres prints the `jsonb`), and carries `t_us`: `clock_timestamp()`
-//! in microseconds at insert time, set by the server inside the transaction.
+//! Every event is one transaction of one `INSERT`, as a service writes them (except the
+//! `one-txn` drain backlog: one transaction for all). Its payload is 512 bytes of JSON (as
+//! Postgres prints the `jsonb`), and carries `n`, the event's sequence number within its
+//! aggregate, and `t_us`: `clock_timestamp()` in microseconds at insert time, set by the server
+//! inside the transaction.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +14,8 @@ use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
+
+use crate::workload::{self, Workload};
 
 /// Bytes of each event's payload, as the relay sends it (`payload::text`).
 pub const PAYLOAD_BYTES: usize = 512;
@@ -65,6 +69,23 @@ pub fn payload_t_us(payload: &[u8]) -> Option<i64> {
         .position(|b| !b.is_ascii_digit())
         .unwrap_or(digits.len());
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// `(aggregate number, sequence number in the aggregate)` of a payload: its `aggregate_id`
+/// (`agg-NNNNN`) and `n`, found without parsing the whole JSON.
+pub fn payload_order(payload: &[u8]) -> Option<(u64, u64)> {
+    fn digits_after(payload: &[u8], key: &[u8]) -> Option<u64> {
+        let at = payload.windows(key.len()).position(|w| w == key)? + key.len();
+        let digits = &payload[at..];
+        let end = digits
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(digits.len());
+        std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+    }
+    let n = digits_after(payload, b"\"n\": ")?;
+    let aggregate = digits_after(payload, b"\"aggregate_id\": \"agg-")?;
+    Some((aggregate, n))
 }
 
 pub async fn connect(url: &str) -> Result<Client> {
@@ -165,29 +186,53 @@ fn owner(i: u64, aggregates: u64, writers: usize) -> usize {
     ((i % aggregates) % writers as u64) as usize
 }
 
-/// Writes events `0..events` as fast as Postgres takes them: `writers` connections, each with
-/// up to 32 single-insert transactions pipelined (in order, so each aggregate's events commit in
-/// order). `synchronous_commit = off` for speed: the rows and their WAL are the same as with it
-/// on, only the wait for the flush is skipped.
+/// Writes events `0..events` spread uniformly over `aggregates` (event `i` → aggregate
+/// `i % aggregates`), as [`write_events`] does.
 pub async fn write_backlog(
     url: &str,
     events: u64,
     aggregates: u64,
     writers: usize,
 ) -> Result<Duration> {
+    let keys = Workload::Spread.keys(events, aggregates);
+    write_events(url, keys, writers, false).await
+}
+
+/// Writes one event per entry of `keys` (its aggregate), in order, as fast as Postgres takes
+/// them: `writers` connections, each owning the aggregates `a % writers == w` and writing their
+/// events with up to 32 single-insert transactions pipelined (in order, so each aggregate's
+/// events commit in order). Each payload's `n` is the event's sequence number within its
+/// aggregate. With `one_transaction`, one connection writes every event in one transaction
+/// instead. `synchronous_commit = off` for speed: the rows and their WAL are the same as with
+/// it on, only the wait for the flush is skipped.
+pub async fn write_events(
+    url: &str,
+    keys: Vec<u64>,
+    writers: usize,
+    one_transaction: bool,
+) -> Result<Duration> {
+    let seqs = workload::sequences(&keys);
+    let writers = if one_transaction { 1 } else { writers };
+    let mut owned: Vec<Vec<(u64, u64)>> = vec![Vec::new(); writers];
+    for (a, n) in keys.into_iter().zip(seqs) {
+        owned[(a % writers as u64) as usize].push((a, n));
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..writers {
+    for events in owned {
         let url = url.to_string();
         tasks.push(tokio::spawn(async move {
             let client = connect(&url).await?;
             client.batch_execute("SET synchronous_commit = off").await?;
             let stmt = client.prepare(INSERT_SQL).await?;
+            if one_transaction {
+                client.batch_execute("BEGIN").await?;
+            }
             let (client, stmt) = (&client, &stmt);
-            futures::stream::iter((0..events).filter(|&i| owner(i, aggregates, writers) == w))
-                .map(|i| async move {
-                    let agg = aggregate_id(i % aggregates);
-                    let body = payload(&agg, i / aggregates, None);
+            futures::stream::iter(events)
+                .map(|(a, n)| async move {
+                    let agg = aggregate_id(a);
+                    let body = payload(&agg, n, None);
                     client
                         .execute(stmt, &[&Uuid::new_v4(), &agg, &body, &TRACEPARENT])
                         .await
@@ -195,6 +240,9 @@ pub async fn write_backlog(
                 .buffered(32)
                 .try_for_each(|_| async { Ok(()) })
                 .await?;
+            if one_transaction {
+                client.batch_execute("COMMIT").await?;
+            }
             anyhow::Ok(())
         }));
     }
@@ -428,6 +476,9 @@ mod tests {
             let partial = payload(agg, n, None);
             assert_eq!(partial.len() + 16 + 10, PAYLOAD_BYTES);
             assert_eq!(payload_t_us(full.as_bytes()), Some(1_712_345_678_901_234));
+            let a: u64 = agg[4..].parse().unwrap();
+            assert_eq!(payload_order(full.as_bytes()), Some((a, n)));
+            assert_eq!(payload_order(partial.as_bytes()), Some((a, n)));
         }
     }
 

@@ -7,6 +7,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use crate::stats::Percentiles;
+use crate::workload::Workload;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Machine {
@@ -28,6 +29,14 @@ pub struct Settings {
     pub mode: String,
     pub events: u64,
     pub aggregates: u64,
+    /// Drain backlogs (`--workloads`), in the order they ran.
+    pub workloads: Vec<String>,
+    /// Time limit of each drain, from the relay's start.
+    pub drain_limit_secs: u64,
+    /// Events of the `1` and `10` backlogs.
+    pub hot_events: u64,
+    /// Events of the `one-txn` backlog.
+    pub one_txn_events: u64,
     pub payload_bytes: usize,
     pub writers: usize,
     pub rates: Vec<u64>,
@@ -39,9 +48,24 @@ pub struct Settings {
     pub relay_env: Vec<String>,
 }
 
+impl Settings {
+    /// Events in the backlog of `workload`.
+    pub fn events_of(&self, workload: Workload) -> u64 {
+        if workload.is_hot() {
+            self.hot_events
+        } else if workload.one_transaction() {
+            self.one_txn_events
+        } else {
+            self.events
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WalCeiling {
     pub combo: String,
+    /// The workload whose backlog was decoded (the combination's first drain).
+    pub backlog: String,
     /// Rows of `pg_logical_slot_peek_binary_changes` (Begin, Relation, Insert, Commit).
     pub rows: i64,
     pub seconds: f64,
@@ -70,10 +94,20 @@ pub struct Ceilings {
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
     pub combo: String,
+    /// `spread`, `10`, `1`, `zipf` or `one-txn`.
+    pub workload: String,
+    pub workload_description: String,
+    /// Events in the backlog.
     pub events: u64,
+    /// Distinct events the consumer read (all of them unless `timed_out`).
+    pub events_read: u64,
+    /// Not drained within `time_limit_seconds`: the rates are those so far.
+    pub timed_out: bool,
+    pub time_limit_seconds: u64,
     pub backlog_write_seconds: f64,
     pub avg_payload_bytes: f64,
-    /// From spawning the relay until the consumer read the last event.
+    /// From spawning the relay until the consumer read the last event (timed out: until the
+    /// time limit).
     pub seconds: f64,
     pub events_per_sec: f64,
     /// Payload bytes (512 per event) per second.
@@ -88,7 +122,14 @@ pub struct Drain {
     pub broker_ceiling: f64,
     pub relay_ceiling: f64,
     pub ratio_to_ceiling: f64,
+    /// Events/s relative to the same combination's `spread` drain.
+    pub ratio_to_spread: Option<f64>,
     pub duplicates: usize,
+    /// First deliveries that carried aggregate and sequence number (payload `aggregate_id`, `n`).
+    pub order_checked: usize,
+    /// First deliveries whose sequence number is lower than one already read for their
+    /// aggregate.
+    pub order_violations: usize,
     pub peak_rss_mib: f64,
     pub cpu_seconds: f64,
     pub cpu_seconds_per_100k: f64,
@@ -229,6 +270,15 @@ fn k(rate: f64) -> String {
     }
 }
 
+/// A ceiling, or `not measured` (no combination of the run used that source or broker).
+fn measured(rate: f64) -> String {
+    if rate > 0.0 {
+        format!("{}/s", k(rate))
+    } else {
+        "not measured".into()
+    }
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into())
 }
@@ -238,13 +288,24 @@ impl Report {
         machine: Machine,
         settings: Settings,
         ceilings: Ceilings,
-        drains: Vec<Drain>,
+        mut drains: Vec<Drain>,
         latency: Vec<Latency>,
         notes: Vec<String>,
         run_seconds: f64,
     ) -> Self {
+        let spread: Vec<(String, f64)> = drains
+            .iter()
+            .filter(|d| d.workload == "spread")
+            .map(|d| (d.combo.clone(), d.events_per_sec))
+            .collect();
+        for d in &mut drains {
+            d.ratio_to_spread = spread
+                .iter()
+                .find(|(c, _)| *c == d.combo)
+                .map(|(_, rate)| d.events_per_sec / rate);
+        }
         let mut targets = Vec::new();
-        for d in &drains {
+        for d in drains.iter().filter(|d| d.workload == "spread") {
             targets.push(TargetCheck {
                 target: format!("{}: drain ≥ 0.8 × relay ceiling", d.combo),
                 measured: format!(
@@ -302,11 +363,74 @@ impl Report {
                 met: l.commit_to_ack.as_ref().map(|a| a.p99_ms <= limit),
             });
         }
+        let mut combos: Vec<&str> = Vec::new();
         for d in &drains {
+            if !combos.contains(&d.combo.as_str()) {
+                combos.push(&d.combo);
+            }
+        }
+        for combo in &combos {
+            let Some(d) = drains
+                .iter()
+                .filter(|d| d.combo == *combo)
+                .max_by(|a, b| a.peak_rss_mib.total_cmp(&b.peak_rss_mib))
+            else {
+                continue;
+            };
             targets.push(TargetCheck {
-                target: format!("{}: relay peak RSS ≤ 40 MiB while draining", d.combo),
-                measured: format!("{:.1} MiB", d.peak_rss_mib),
+                target: format!("{combo}: relay peak RSS ≤ 40 MiB while draining"),
+                measured: format!("{:.1} MiB (highest: {} drain)", d.peak_rss_mib, d.workload),
                 met: Some(d.peak_rss_mib <= 40.0),
+            });
+        }
+        // Key distributions (delivery engine, item 8).
+        let so_far = |d: &Drain| {
+            if d.timed_out {
+                format!(", timed out after {} s: rate so far", d.time_limit_seconds)
+            } else {
+                String::new()
+            }
+        };
+        for d in &drains {
+            match d.workload.as_str() {
+                "10" | "1" | "zipf" => targets.push(TargetCheck {
+                    target: format!("{}: {} drain ≥ 0.8 × spread drain", d.combo, d.workload),
+                    measured: match d.ratio_to_spread {
+                        Some(r) => format!(
+                            "{r:.2} × ({}/s of {}/s{})",
+                            k(d.events_per_sec),
+                            k(d.events_per_sec / r),
+                            so_far(d)
+                        ),
+                        None => format!("{}/s; no spread drain to compare", k(d.events_per_sec)),
+                    },
+                    met: d.ratio_to_spread.map(|r| r >= 0.8),
+                }),
+                "one-txn" => targets.push(TargetCheck {
+                    target: format!("{}: one-txn drain ≥ 0.8 × relay ceiling", d.combo),
+                    measured: format!(
+                        "{:.2} × ({}/s of {}/s{})",
+                        d.ratio_to_ceiling,
+                        k(d.events_per_sec),
+                        k(d.relay_ceiling),
+                        so_far(d)
+                    ),
+                    met: Some(d.ratio_to_ceiling >= 0.8),
+                }),
+                _ => {}
+            }
+        }
+        for combo in &combos {
+            let (checked, violations) = drains
+                .iter()
+                .filter(|d| d.combo == *combo)
+                .fold((0, 0), |(c, v), d| {
+                    (c + d.order_checked, v + d.order_violations)
+                });
+            targets.push(TargetCheck {
+                target: format!("{combo}: per-aggregate order kept in every drain"),
+                measured: format!("{violations} backward steps in {checked} first deliveries"),
+                met: (checked > 0).then_some(violations == 0),
             });
         }
         Self {
@@ -377,49 +501,86 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" and ")
         );
+        let drained: Vec<String> = s
+            .workloads
+            .iter()
+            .filter_map(|w| Workload::parse(w).ok())
+            .map(|w| {
+                format!(
+                    "`{}` ({}, {} events{})",
+                    w.name(),
+                    w.describe(s.aggregates),
+                    s.events_of(w),
+                    if w.is_hot() && s.hot_events < s.events {
+                        ", capped by --hot-events"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "Drain backlogs: {}; each drain stopped after {} s at most.\n",
+            drained.join(", "),
+            s.drain_limit_secs
+        );
 
         let _ = writeln!(o, "## Ceilings\n");
         let _ = writeln!(o, "| what | rate | how |\n|---|---:|---|");
-        let _ = writeln!(
-            o,
-            "| Postgres commits, wal schema | {}/s | {} connections, one `INSERT` per transaction, `synchronous_commit = on`, {} events |",
-            k(c.commit_events_per_sec),
-            c.commit_writers,
-            c.commit_events
-        );
-        let _ = writeln!(
-            o,
-            "| Postgres commits, poll schema | {}/s | the same, with the poll schema's statement trigger that NOTIFYs at commit, {} events |",
-            k(c.commit_notify_events_per_sec),
-            c.commit_notify_events
-        );
-        let _ = writeln!(
-            o,
-            "| Postgres commits, poll schema + LISTEN | {}/s | the same, with one idle session LISTENing on the channel as the polling relay does, {} events |",
-            k(c.commit_notify_listen_events_per_sec),
-            c.commit_notify_listen_events
-        );
-        let _ = writeln!(
-            o,
-            "| Kafka producer | {}/s | rdkafka, idempotent, acks=all, linger.ms=5, relay headers and key, all in flight |",
-            k(c.kafka_producer_msgs_per_sec)
-        );
-        let _ = writeln!(
-            o,
-            "| RabbitMQ publisher | {}/s | lapin, publisher confirms (5,000 outstanding), mandatory, persistent, durable queue |",
-            k(c.rabbitmq_publisher_msgs_per_sec)
-        );
-        let _ = writeln!(
-            o,
-            "| poll source | {}/s ({:.1} MB/s) | SQL loop: 1,000 unpublished rows in relay_seq order, then `UPDATE … relay_published_at = now()` |",
-            k(c.poll_source_events_per_sec),
-            c.poll_source_mb_per_sec
-        );
+        if c.commit_events_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| Postgres commits, wal schema | {} | {} connections, one `INSERT` per transaction, `synchronous_commit = on`, {} events |",
+                measured(c.commit_events_per_sec),
+                c.commit_writers,
+                c.commit_events
+            );
+        }
+        if c.commit_notify_events_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| Postgres commits, poll schema | {} | the same, with the poll schema's statement trigger that NOTIFYs at commit, {} events |",
+                measured(c.commit_notify_events_per_sec),
+                c.commit_notify_events
+            );
+        }
+        if c.commit_notify_listen_events_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| Postgres commits, poll schema + LISTEN | {} | the same, with one idle session LISTENing on the channel as the polling relay does, {} events |",
+                measured(c.commit_notify_listen_events_per_sec),
+                c.commit_notify_listen_events
+            );
+        }
+        if c.kafka_producer_msgs_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| Kafka producer | {} | rdkafka, idempotent, acks=all, linger.ms=5, relay headers and key, all in flight |",
+                measured(c.kafka_producer_msgs_per_sec)
+            );
+        }
+        if c.rabbitmq_publisher_msgs_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| RabbitMQ publisher | {} | lapin, publisher confirms (5,000 outstanding), mandatory, persistent, durable queue |",
+                measured(c.rabbitmq_publisher_msgs_per_sec)
+            );
+        }
+        if c.poll_source_events_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| poll source | {} ({:.1} MB/s) | SQL loop: 1,000 unpublished rows in relay_seq order, then `UPDATE … relay_published_at = now()` |",
+                measured(c.poll_source_events_per_sec),
+                c.poll_source_mb_per_sec
+            );
+        }
         for w in &c.wal_source {
             let _ = writeln!(
                 o,
-                "| wal source ({}) | {}/s | `pg_logical_slot_peek_binary_changes` (pgoutput, proto 1) on the relay's slot: {} rows in {:.2} s |",
+                "| wal source ({}, {} backlog) | {}/s | `pg_logical_slot_peek_binary_changes` (pgoutput, proto 1) on the relay's slot: {} rows in {:.2} s |",
                 w.combo,
+                w.backlog,
                 k(w.events_per_sec),
                 w.rows,
                 w.seconds
@@ -429,22 +590,26 @@ impl Report {
         let _ = writeln!(o, "\n## Drain throughput\n");
         let _ = writeln!(
             o,
-            "Backlog written first, then the relay started; timed from spawning the relay until the consumer had read every event.\n"
+            "Backlog written first, then the relay started; timed from spawning the relay until the consumer had read every event \
+             (a drain not done within {} s: until then, rates so far, marked ⏱).\n",
+            s.drain_limit_secs
         );
         let _ = writeln!(
             o,
-            "| source → sink | events/s | MB/s | steady events/s | source ceiling | broker ceiling | ratio to ceiling | first event after | source done after | mean batch | peak RSS | CPU s / 100k |"
+            "| source → sink | workload | events/s | MB/s | steady events/s | source ceiling | broker ceiling | ratio to ceiling | first event after | source done after | mean batch | peak RSS | CPU s / 100k |"
         );
         let _ = writeln!(
             o,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for d in &self.drains {
             let _ = writeln!(
                 o,
-                "| {} | **{}** | {:.1} | {} | {} | {} | **{:.2}** | {:.2} s | {} | {} | {:.1} MiB | {:.2} |",
+                "| {} | {} | **{}**{} | {:.1} | {} | {} | {} | **{:.2}** | {:.2} s | {} | {} | {:.1} MiB | {:.2} |",
                 d.combo,
+                d.workload,
                 k(d.events_per_sec),
+                if d.timed_out { " ⏱" } else { "" },
                 d.mb_per_sec,
                 k(d.steady_events_per_sec),
                 k(d.source_ceiling),
@@ -475,8 +640,8 @@ impl Report {
                 }
             }
         }
-        let _ = writeln!(o, "| source → sink | {} |", groups.join(" | "));
-        let _ = writeln!(o, "|---|{}", "---:|".repeat(groups.len()));
+        let _ = writeln!(o, "| source → sink | workload | {} |", groups.join(" | "));
+        let _ = writeln!(o, "|---|---|{}", "---:|".repeat(groups.len()));
         for d in &self.drains {
             let cells: Vec<String> = groups
                 .iter()
@@ -488,7 +653,60 @@ impl Report {
                         .unwrap_or_else(|| "0".into())
                 })
                 .collect();
-            let _ = writeln!(o, "| {} | {} |", d.combo, cells.join(" | "));
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} |",
+                d.combo,
+                d.workload,
+                cells.join(" | ")
+            );
+        }
+
+        let _ = writeln!(o, "\n## Drain by key distribution\n");
+        let _ = writeln!(
+            o,
+            "Each backlog drained by each combination, timed as above. ratio to ceiling: events/s over the combination's \
+             min(source ceiling, broker ceiling) (wal: decoding measured on the combination's first backlog). ratio to spread: \
+             events/s over the same combination's `spread` drain. Targets: ≥ 0.8 × spread for `10`, `1` and `zipf`; \
+             ≥ 0.8 × ceiling for `spread` and `one-txn`. Order violations: first deliveries whose sequence number within \
+             their aggregate (`n` in the payload) is lower than one already read for that aggregate.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| source → sink | workload | events | seconds | events/s | ratio to ceiling | ratio to spread | order violations | duplicates | status |"
+        );
+        let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        for d in &self.drains {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.2} | **{}** | {:.2} | {} | {} | {} | {} |",
+                d.combo,
+                d.workload,
+                d.events,
+                d.seconds,
+                k(d.events_per_sec),
+                d.ratio_to_ceiling,
+                d.ratio_to_spread
+                    .map(|r| format!("**{r:.2}**"))
+                    .unwrap_or_else(|| "n/a".into()),
+                if d.order_checked == 0 {
+                    "n/a".to_string()
+                } else {
+                    d.order_violations.to_string()
+                },
+                d.duplicates,
+                if d.timed_out {
+                    format!(
+                        "timed out after {} s: {} of {} read, {}/s so far",
+                        d.time_limit_seconds,
+                        d.events_read,
+                        d.events,
+                        k(d.events_per_sec)
+                    )
+                } else {
+                    "done".into()
+                }
+            );
         }
 
         let _ = writeln!(o, "\n## Latency\n");
@@ -561,13 +779,22 @@ impl Report {
         let _ = writeln!(o, "\n## Method notes\n");
         for line in [
             "Everything runs on the one machine: Postgres, the broker, the relay, and the harness's writers and consumer share the cores, as they do for the ceilings.",
-            "Backlogs are written by 4 connections with 32 single-insert transactions pipelined each and `synchronous_commit = off` (same rows and WAL, no flush wait); each aggregate's events commit in order. For wal the slot exists before the backlog is written (`outbox-relay migrate`).",
+            "Backlogs are written by 4 connections with 32 single-insert transactions pipelined each and `synchronous_commit = off` (same rows and WAL, no flush wait); each aggregate's events commit in order (a connection owns the aggregates a % 4). `one-txn`: one connection, every insert in one transaction. `zipf`: aggregate k (k = 0 … aggregates − 1) with probability ∝ (k + 1)^−1.1, drawn with a fixed seed (same backlog every run). For wal the slot exists before the backlog is written (`outbox-relay migrate`).",
+            "Order check: the consumer reads every partition (Kafka, keyed by aggregate) or the one queue (RabbitMQ) and, for each aggregate, compares each first delivery's `n` with the highest already read; redeliveries of an event are counted as duplicates, not checked.",
             "Drain time includes the relay's start-up (connections, leader lock, topic metadata); `steady events/s` excludes it. Completion is judged by the distinct event ids the consumer read (tansu's high watermarks can lag), never by offsets.",
+            "Ceilings are measured for the sources and brokers the run's combinations use (`--only`); the wal decoding ceiling on each wal combination's first drain backlog.",
             "The relay ceiling is min(source ceiling, broker ceiling); the ceilings run alone, the drain runs source, relay, broker and consumer at once on 2 cores.",
             "Kafka: topic created up front with 3 partitions; the consumer assigns them from the beginning. RabbitMQ: durable topic exchange and a durable queue bound with `#`, consumed with no-ack.",
             "Footprint: VmHWM of /proc/<pid>/status and utime+stime of /proc/<pid>/stat of the relay process.",
         ] {
             let _ = writeln!(o, "- {line}");
+        }
+        if s.hot_events < s.events && s.workloads.iter().any(|w| w == "1" || w == "10") {
+            let _ = writeln!(
+                o,
+                "- The `1` and `10` backlogs are capped at {} events (`--hot-events`; {} for the others): a fast relay drains them in well under a second, so their events/s include the relay's start-up (see `first event after`) and their ratio to spread is biased low; `steady events/s` excludes the start-up.",
+                s.hot_events, s.events
+            );
         }
         for n in &self.notes {
             let _ = writeln!(o, "- {n}");
@@ -783,6 +1010,10 @@ mod tests {
                 mode: "quick".into(),
                 events: 1,
                 aggregates: 1,
+                workloads: vec!["spread".into()],
+                drain_limit_secs: 1,
+                hot_events: 1,
+                one_txn_events: 1,
                 payload_bytes: 512,
                 writers: 1,
                 rates: vec![],

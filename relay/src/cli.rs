@@ -11,10 +11,10 @@ use tracing::{info, warn};
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::engine;
 use crate::error::Error;
 use crate::http::{self, Health};
 use crate::ops;
-use crate::pipeline;
 use crate::store::{self, PgConn};
 
 #[derive(Debug, Parser)]
@@ -78,7 +78,7 @@ async fn run(config: Config) -> Result<(), Error> {
         shutdown.clone(),
     ));
     tokio::spawn(watch_signals(shutdown.clone()));
-    let mut daemon = tokio::spawn(pipeline::run(config, shutdown.clone(), health));
+    let mut daemon = tokio::spawn(engine::run(config, shutdown.clone(), health));
     let outcome = tokio::select! {
         joined = &mut daemon => joined,
         _ = deadline_after(&shutdown, shutdown_timeout) => {

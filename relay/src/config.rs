@@ -258,8 +258,10 @@ pub struct WalConfig {
     pub create_slot: bool,
     /// Prefix of `pg_logical_emit_message(true, '<prefix>', '<json>')` events (table-less outbox).
     pub message_prefix: String,
-    /// How often the confirmed position is reported to Postgres (well under
-    /// `wal_sender_timeout`, default 60 s).
+    /// The confirmed position is reported to Postgres, and saved in the progress row, as soon
+    /// as it moves, at most this often (and at least this often while idle, well under
+    /// `wal_sender_timeout`, default 60 s). A shorter interval means fewer events sent again
+    /// after a crash; each report is one small message and each save one single-row update.
     #[serde(with = "humantime_serde")]
     pub status_interval: std::time::Duration,
     /// How long to wait for a slot that another process still holds (a relay that just died)
@@ -279,7 +281,7 @@ impl Default for WalConfig {
             publication: None,
             create_slot: true,
             message_prefix: "outbox".into(),
-            status_interval: std::time::Duration::from_secs(1),
+            status_interval: std::time::Duration::from_millis(50),
             slot_wait: std::time::Duration::from_secs(30),
             repair_margin: std::time::Duration::from_secs(300),
         }
@@ -319,6 +321,10 @@ pub struct DeliveryConfig {
     /// On SIGTERM/SIGINT, how long to wait for in-flight confirmations before exiting anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Batches sent and not yet confirmed at once: the next batch is read and sent while
+    /// earlier ones wait for the broker. Also bounds what can reach the broker behind a failed
+    /// event of its aggregate before the failure is known (it is sent again, in order, after).
+    pub max_in_flight: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -329,6 +335,7 @@ impl Default for DeliveryConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            max_in_flight: 4,
         }
     }
 }

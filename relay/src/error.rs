@@ -94,8 +94,13 @@ pub fn describe_pg(e: &tokio_postgres::Error) -> String {
 /// Whether a failed publish may succeed if tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// Broker down, timeout, connection lost, `nack`: retried with backoff, no attempt counted.
+    /// A `nack`, a timeout or a metadata hiccup for this message: its aggregate is retried
+    /// with its own backoff, no attempt counted; the rest of the outbox keeps flowing.
     Transient,
+    /// The broker cannot be used as a whole (connection lost or refused, producer being
+    /// replaced): the engine stops sending, lets what is in flight settle, and backs off
+    /// globally before it sends again.
+    Unavailable,
     /// The broker refuses this message (too large, unroutable, unknown topic): counted towards
     /// `delivery.max_attempts`, then dead-lettered.
     Permanent,
@@ -112,6 +117,12 @@ impl PublishError {
     pub fn transient(message: impl Into<String>) -> Self {
         Self {
             kind: FailureKind::Transient,
+            message: message.into(),
+        }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Unavailable,
             message: message.into(),
         }
     }

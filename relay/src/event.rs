@@ -1,5 +1,13 @@
 //! The event the relay moves: one committed outbox row (or, in wal mode, one decoded insert).
 
+/// The unit of ordering: (aggregate type, aggregate id).
+pub type AggregateKey = (String, String);
+
+/// The aggregate `event` belongs to.
+pub fn key_of(event: &OutboxEvent) -> AggregateKey {
+    (event.aggregate_type.clone(), event.aggregate_id.clone())
+}
+
 /// One outbox event, as read from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {

@@ -4,13 +4,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod event;
 pub mod http;
 pub mod ident;
 pub mod metrics;
 pub mod ops;
-pub mod pipeline;
 pub mod sink;
 pub mod source;
 pub mod store;

@@ -24,6 +24,8 @@ pub const ACTIVE: &str = "outbox_relay_active";
 pub const DATABASE_UP: &str = "outbox_relay_database_up";
 pub const BROKER_UP: &str = "outbox_relay_broker_up";
 pub const PRODUCER_RENEWED: &str = "outbox_relay_kafka_producer_renewals_total";
+pub const SENT_BEHIND_FAILURE: &str = "outbox_relay_sent_behind_failure_total";
+pub const RETRYING_AGGREGATES: &str = "outbox_relay_retrying_aggregates";
 
 /// Installs the global recorder; call once, before anything records.
 pub fn install() -> Result<PrometheusHandle, Error> {
@@ -76,6 +78,14 @@ pub fn install() -> Result<PrometheusHandle, Error> {
         PRODUCER_RENEWED,
         "Kafka producers replaced because the broker fenced or failed the previous one"
     );
+    describe_counter!(
+        SENT_BEHIND_FAILURE,
+        "Events the broker took while an earlier event of their aggregate had failed; not confirmed, sent again behind it"
+    );
+    describe_gauge!(
+        RETRYING_AGGREGATES,
+        "Aggregates waiting out their own backoff after a failed publish"
+    );
     Ok(handle)
 }
 
@@ -102,6 +112,7 @@ pub fn record_publish(
         Err(e) => {
             let kind = match e.kind {
                 FailureKind::Transient => "transient",
+                FailureKind::Unavailable => "unavailable",
                 FailureKind::Permanent => "permanent",
             };
             counter!(FAILURES, "system" => system, "kind" => kind).increment(1);
@@ -119,6 +130,14 @@ pub fn record_dead_letter() {
 
 pub fn record_producer_renewed() {
     counter!(PRODUCER_RENEWED).increment(1);
+}
+
+pub fn record_sent_behind_failure() {
+    counter!(SENT_BEHIND_FAILURE).increment(1);
+}
+
+pub fn set_retrying_aggregates(n: usize) {
+    gauge!(RETRYING_AGGREGATES).set(n as f64);
 }
 
 pub fn set_active(active: bool) {

@@ -5,6 +5,7 @@
 //! quoted. The statements are built once, after the table has been inspected, so optional
 //! columns (`headers`, `traceparent`, `tracestate`, `created_at`) may simply be absent.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_postgres::{Client, Row};
@@ -13,7 +14,7 @@ use tracing::{debug, warn};
 
 use crate::config::{Config, OutboxConfig, Secret, SourceKind};
 use crate::error::{Error, describe_pg};
-use crate::event::{OutboxEvent, parse_headers};
+use crate::event::{AggregateKey, OutboxEvent, parse_headers};
 use crate::ident::{QualifiedName, quote};
 use crate::source::wal;
 use crate::tls::PgTarget;
@@ -526,6 +527,9 @@ impl Outbox {
                     {headers}, {tp}, {ts}, {created_at} \
              FROM {table} o \
              WHERE o.relay_published_at IS NULL \
+               AND NOT (o.relay_seq = ANY($2::bigint[])) \
+               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) AS b(t, i) \
+                   WHERE b.t = o.{at}::text AND b.i = o.{ai}::text) \
                AND NOT EXISTS (SELECT 1 FROM {dl} d WHERE d.holds_aggregate \
                    AND d.aggregate_type = o.{at}::text AND d.aggregate_id = o.{ai}::text) \
              ORDER BY o.relay_seq LIMIT $1",
@@ -666,13 +670,21 @@ impl Outbox {
     }
 
     /// Up to `limit` unpublished events in outbox order, skipping held aggregates.
+    /// Unpublished events in outbox order, leaving out the rows `out` (in flight) and the
+    /// aggregates in `blocked` (waiting out a failure) and those held by a dead letter.
     pub async fn fetch_pending(
         &self,
         client: &Client,
         limit: usize,
+        out: &[i64],
+        blocked: &HashSet<AggregateKey>,
     ) -> Result<Vec<OutboxEvent>, Error> {
+        let (types, ids): (Vec<&str>, Vec<&str>) = blocked
+            .iter()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+            .unzip();
         let rows = client
-            .query(&self.fetch_sql, &[&(limit as i64)])
+            .query(&self.fetch_sql, &[&(limit as i64), &out, &types, &ids])
             .await
             .map_err(|e| Error::pg("cannot read pending outbox events", e))?;
         Ok(rows.iter().map(event_from_row).collect())

@@ -32,8 +32,7 @@ use super::sql::{
     DEAD_LETTER_COLUMNS, DeadLetter, OpsTable, Params, dead_letter_conditions, where_all,
 };
 use super::{
-    SelectionArgs, confirm, format_age, format_ms, invalid, publish_in_waves, render_table,
-    truncate,
+    SelectionArgs, confirm, format_age, format_ms, invalid, publish_ordered, render_table, truncate,
 };
 use crate::config::Config;
 use crate::error::Error;
@@ -546,7 +545,7 @@ async fn publish_and_delete(
             }
         }
     }
-    let results = publish_in_waves(sink, &sendable).await;
+    let results = publish_ordered(sink, &sendable).await;
     let mut confirmed = Vec::new();
     let mut first_failure: HashMap<(String, String), (String, String)> = HashMap::new();
     // `sendable` is a prefix of `letters`, in the same order.

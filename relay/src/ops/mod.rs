@@ -333,7 +333,7 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-pub(crate) use crate::pipeline::publish_in_waves;
+pub(crate) use crate::engine::publish_ordered;
 
 #[cfg(test)]
 mod tests {

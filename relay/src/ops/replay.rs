@@ -28,7 +28,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::sql::{OpsTable, Params, where_all};
-use super::{SelectionArgs, format_age, format_ms, invalid, publish_in_waves, render_table};
+use super::{SelectionArgs, format_age, format_ms, invalid, publish_ordered, render_table};
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
@@ -723,7 +723,7 @@ async fn send(
             }
         }
         let to_send: Vec<&OutboxEvent> = events.iter().flatten().collect();
-        let results = publish_in_waves(sink, &to_send).await;
+        let results = publish_ordered(sink, &to_send).await;
         // Confirmed prefix: every item before the first failure, in replay order.
         let mut outcome = results.into_iter();
         let mut confirmed = 0usize;

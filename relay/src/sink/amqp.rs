@@ -7,15 +7,17 @@
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::publisher_confirm::Confirmation;
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{info, warn};
 
-use super::Sink;
+use super::{Confirmations, Sink};
 use crate::config::RabbitmqConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
@@ -28,6 +30,8 @@ pub struct AmqpSink {
     config: RabbitmqConfig,
     routing_key: Template,
     link: Option<(Connection, Channel)>,
+    /// Publishes on the current link whose confirmation has not arrived.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl AmqpSink {
@@ -38,6 +42,7 @@ impl AmqpSink {
             config: config.clone(),
             routing_key: Template::parse(&config.routing_key).map_err(Error::Config)?,
             link: None,
+            in_flight: Arc::default(),
         };
         sink.open().await.map_err(Error::Broker)?;
         Ok(sink)
@@ -50,7 +55,18 @@ impl AmqpSink {
         {
             return Ok(&self.link.as_ref().expect("checked above").1);
         }
-        self.link = None;
+        // The sink contract: no new path while confirmations from the old one are outstanding
+        // (they fail as the connection went; the engine sends them again, in order, after).
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        if self.link.is_some() && in_flight > 0 {
+            return Err(format!(
+                "the AMQP connection was lost; waiting for the answers of {in_flight} messages in flight on it before reconnecting"
+            ));
+        }
+        if self.link.take().is_some() {
+            warn!("AMQP connection or channel closed; reconnecting");
+        }
+        self.in_flight = Arc::default();
         let url = &self.config.url;
         let connection = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -159,29 +175,75 @@ fn properties(event: &OutboxEvent, span: &PublishSpan) -> BasicProperties {
     props
 }
 
+/// What the broker's answer to one publish means (see the module docs).
+fn confirmation(
+    answer: Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>,
+    confirm_timeout: Duration,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), PublishError> {
+    match answer {
+        Err(_) => Err(PublishError::unavailable(format!(
+            "no publisher confirm from RabbitMQ within {confirm_timeout:?}"
+        ))),
+        Ok(Err(e)) => Err(PublishError::unavailable(format!(
+            "connection lost before RabbitMQ confirmed: {e}"
+        ))),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
+            Err(PublishError::permanent(format!(
+                "RabbitMQ returned the message as unroutable: exchange `{exchange}` has no queue bound for routing key `{routing_key}` ({} {})",
+                returned.reply_code, returned.reply_text
+            )))
+        }
+        Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::transient(
+            "RabbitMQ nacked the message (broker could not take it)",
+        )),
+        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::unavailable(
+            "publisher confirms are not enabled on this channel",
+        )),
+    }
+}
+
 impl Sink for AmqpSink {
-    async fn publish(&mut self, events: &[&OutboxEvent]) -> Vec<Result<(), PublishError>> {
+    async fn send(&mut self, events: &[&OutboxEvent]) -> Confirmations {
         let exchange = self.config.exchange.clone();
         let confirm_timeout = self.config.confirm_timeout;
         let channel = match self.open().await {
             Ok(c) => c.clone(),
             Err(e) => {
-                return events
+                let results = events
                     .iter()
-                    .map(|_| Err(PublishError::transient(e.clone())))
+                    .map(|_| Err(PublishError::unavailable(e.clone())))
                     .collect();
+                return Box::pin(async move { results });
             }
         };
-        let mut confirms = Vec::with_capacity(events.len());
+        let link_in_flight = self.in_flight.clone();
+        enum Pending {
+            Sent(String, PublisherConfirm, Box<PublishSpan>),
+            Failed(PublishError),
+        }
+        let mut pending = Vec::with_capacity(events.len());
         let mut broken: Option<String> = None;
+        // Aggregates with an event refused before publishing: their later events wait too.
+        let mut refused: std::collections::HashSet<(&str, &str)> = Default::default();
         for event in events {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+            if refused.contains(&key) {
+                pending.push(Pending::Failed(PublishError::transient(
+                    "not sent: behind a failed event of its aggregate",
+                )));
+                continue;
+            }
             if let Some(e) = &broken {
-                confirms.push(Err(PublishError::transient(e.clone())));
+                pending.push(Pending::Failed(PublishError::unavailable(e.clone())));
                 continue;
             }
             let routing_key = self.routing_key.render(event);
             if let Err(e) = check_limits(event, &routing_key, self.config.max_message_size) {
-                confirms.push(Err(e));
+                refused.insert(key);
+                pending.push(Pending::Failed(e));
                 continue;
             }
             let span = start_publish_span(
@@ -205,57 +267,40 @@ impl Sink for AmqpSink {
                 )
                 .await;
             match sent {
-                Ok(confirm) => confirms.push(Ok((routing_key, confirm, span))),
+                Ok(confirm) => {
+                    link_in_flight.fetch_add(1, Ordering::AcqRel);
+                    pending.push(Pending::Sent(routing_key, confirm, Box::new(span)));
+                }
                 Err(e) => {
                     // Everything after a failed write fails too: keeps the aggregate's order.
                     let msg = format!("AMQP publish failed: {e}");
                     broken = Some(msg.clone());
-                    let error = PublishError::transient(msg);
+                    let error = PublishError::unavailable(msg);
                     span.end(&Err(error.clone()));
-                    confirms.push(Err(error));
+                    pending.push(Pending::Failed(error));
                 }
             }
         }
-        let mut results = Vec::with_capacity(events.len());
-        for pending in confirms {
-            results.push(match pending {
-                Err(e) => Err(e),
-                Ok((routing_key, confirm, span)) => {
-                    let result = match tokio::time::timeout(confirm_timeout, confirm).await {
-                        Err(_) => Err(PublishError::transient(format!(
-                            "no publisher confirm from RabbitMQ within {confirm_timeout:?}"
-                        ))),
-                        Ok(Err(e)) => Err(PublishError::transient(format!(
-                            "connection lost before RabbitMQ confirmed: {e}"
-                        ))),
-                        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                        Ok(Ok(Confirmation::Ack(Some(returned))))
-                        | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
-                            Err(PublishError::permanent(format!(
-                                "RabbitMQ returned the message as unroutable: exchange `{exchange}` has no queue bound for routing key `{routing_key}` ({} {})",
-                                returned.reply_code, returned.reply_text
-                            )))
-                        }
-                        Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::transient(
-                            "RabbitMQ nacked the message (broker could not take it)",
-                        )),
-                        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::transient(
-                            "publisher confirms are not enabled on this channel",
-                        )),
-                    };
-                    span.end(&result);
-                    result
-                }
-            });
-        }
-        if results.iter().any(|r| r.is_err()) {
-            // Drop a link that failed so the next batch starts on a fresh channel.
-            if !channel.status().connected() {
-                warn!("AMQP channel closed; reconnecting on the next batch");
-                self.link = None;
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(pending.len());
+            for p in pending {
+                results.push(match p {
+                    Pending::Failed(e) => Err(e),
+                    Pending::Sent(routing_key, confirm, span) => {
+                        let result = confirmation(
+                            tokio::time::timeout(confirm_timeout, confirm).await,
+                            confirm_timeout,
+                            &exchange,
+                            &routing_key,
+                        );
+                        link_in_flight.fetch_sub(1, Ordering::AcqRel);
+                        span.end(&result);
+                        result
+                    }
+                });
             }
-        }
-        results
+            results
+        })
     }
 
     fn system(&self) -> &'static str {

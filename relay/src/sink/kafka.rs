@@ -8,7 +8,9 @@
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -20,11 +22,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
-use super::Sink;
+use super::{Confirmations, Sink};
 use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
-use crate::telemetry::{Destination, start_publish_span};
+use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +46,18 @@ pub struct KafkaSink {
     topic: Template,
     config: KafkaConfig,
     known_topics: HashSet<String>,
+    /// What delivery reports found, for the next `send` (reports arrive after it returned).
+    reports: Arc<Mutex<Reports>>,
+    /// Messages sent on the current producer whose report has not arrived.
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Default)]
+struct Reports {
+    /// Topics a report called unknown: checked again before the next send to them.
+    stale_topics: Vec<String>,
+    /// The broker no longer accepts the producer's identity: replace it.
+    renew: bool,
 }
 
 /// The producer settings of DESIGN.md; `kafka.properties` are applied last and may add TLS/SASL.
@@ -98,6 +112,8 @@ impl KafkaSink {
             topic: Template::parse(&config.topic).map_err(Error::Config)?,
             config: config.clone(),
             known_topics: HashSet::new(),
+            reports: Arc::default(),
+            in_flight: Arc::default(),
         })
     }
 
@@ -177,19 +193,6 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Bookkeeping for a message that failed with `e`: a topic reported unknown is checked
-    /// again (and created, if configured) before the retry. `true` when the producer itself
-    /// must be replaced.
-    fn failed(&mut self, e: &KafkaError, topic: &str) -> bool {
-        if matches!(
-            e.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
-        ) {
-            self.known_topics.remove(topic);
-        }
-        producer_state_lost(e)
-    }
-
     /// What the broker's metadata says of `topic`; `Err` when metadata cannot be fetched.
     async fn topic_state(&self, topic: &str) -> Result<TopicState, PublishError> {
         let producer = self.producer.clone();
@@ -249,19 +252,101 @@ fn classify(e: &KafkaError) -> PublishError {
     // An unknown topic is not final: metadata can be stale while a broker restarts or the
     // network is cut. `publish` re-checks the topic before the retry, and only a topic the
     // broker positively lacks becomes a permanent error (in `ensure_topic`).
+    // Nothing on this producer can get through: a message that timed out (no broker answered
+    // within kafka.message_timeout), or an identity the broker no longer accepts.
+    let unavailable = producer_state_lost(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::MessageTimedOut
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+            )
+        );
     let message = format!("Kafka refused the message: {e}");
     if permanent {
         PublishError::permanent(message)
+    } else if unavailable {
+        PublishError::unavailable(message)
     } else {
         PublishError::transient(message)
     }
 }
 
+impl KafkaSink {
+    /// Takes in what the delivery reports of earlier sends found: topics to check again, and
+    /// whether the producer must be replaced. A producer is only replaced once every message
+    /// sent on it has its report (the sink contract: one ordered path at a time); until then
+    /// `Err` is the reason every event of this send fails.
+    fn apply_reports(&mut self) -> Result<(), PublishError> {
+        let renew = {
+            let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+            for topic in reports.stale_topics.drain(..) {
+                self.known_topics.remove(&topic);
+            }
+            reports.renew
+        };
+        let fatal = self.producer.client().fatal_error();
+        if !renew && fatal.is_none() {
+            return Ok(());
+        }
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        if in_flight > 0 {
+            return Err(PublishError::unavailable(format!(
+                "the Kafka producer must be replaced; waiting for the reports of {in_flight} messages still in flight on it"
+            )));
+        }
+        let reason = fatal
+            .map(|(code, reason)| format!("{code}: {reason}"))
+            .unwrap_or_else(|| {
+                "the broker no longer accepts its producer id, epoch or sequence".into()
+            });
+        warn!(
+            reason,
+            "the Kafka producer cannot continue; creating a new one"
+        );
+        match client_config(&self.config).create::<FutureProducer>() {
+            Ok(producer) => {
+                // Destroying a librdkafka handle blocks (purge, thread joins).
+                let old = std::mem::replace(&mut self.producer, producer);
+                tokio::task::spawn_blocking(move || drop(old));
+                self.reports.lock().unwrap_or_else(|e| e.into_inner()).renew = false;
+                crate::metrics::record_producer_renewed();
+                Ok(())
+            }
+            Err(e) => Err(PublishError::unavailable(format!(
+                "cannot create a new Kafka producer: {e}"
+            ))),
+        }
+    }
+}
+
+/// Bookkeeping for a message that failed with `e`, for the next `send`: a topic reported unknown
+/// is checked again (and created, if configured) before the retry, and a producer whose
+/// identity the broker no longer accepts is replaced.
+fn note_failure(reports: &Mutex<Reports>, e: &KafkaError, topic: &str) {
+    let stale = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+    );
+    let renew = producer_state_lost(e);
+    if stale || renew {
+        let mut r = reports.lock().unwrap_or_else(|e| e.into_inner());
+        if stale {
+            r.stale_topics.push(topic.to_string());
+        }
+        r.renew |= renew;
+    }
+}
+
 impl Sink for KafkaSink {
-    async fn publish(&mut self, events: &[&OutboxEvent]) -> Vec<Result<(), PublishError>> {
+    async fn send(&mut self, events: &[&OutboxEvent]) -> Confirmations {
+        if let Err(e) = self.apply_reports() {
+            let results = events.iter().map(|_| Err(e.clone())).collect();
+            return Box::pin(async move { results });
+        }
         let topics: Vec<String> = events.iter().map(|e| self.topic.render(e)).collect();
-        let mut topic_status: std::collections::HashMap<String, Result<(), PublishError>> =
-            Default::default();
+        let mut topic_status: HashMap<String, Result<(), PublishError>> = HashMap::new();
         for topic in &topics {
             if !topic_status.contains_key(topic) {
                 let status = self.ensure_topic(topic).await;
@@ -270,109 +355,104 @@ impl Sink for KafkaSink {
         }
 
         enum Pending {
-            Sent(rdkafka::producer::DeliveryFuture),
-            Failed(PublishError),
+            Sent(rdkafka::producer::DeliveryFuture, String, PublishSpan),
+            Failed(PublishError, PublishSpan),
         }
         let mut pending = Vec::with_capacity(events.len());
-        let mut renew_producer = false;
-        let mut spans = Vec::with_capacity(events.len());
-        for (event, topic) in events.iter().zip(&topics) {
+        // Aggregates with an event refused before it reached the producer: their later events
+        // are not produced either, so they cannot reach the broker ahead of it.
+        let mut refused: HashSet<(&str, &str)> = HashSet::new();
+        for (event, topic) in events.iter().zip(topics) {
+            let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
             let span = start_publish_span(
                 event,
                 &Destination {
                     system: "kafka",
-                    name: topic,
+                    name: &topic,
                     routing_key: None,
                 },
             );
-            let headers_of_event =
-                event.message_headers(span.traceparent.as_deref(), span.tracestate.as_deref());
-            spans.push(span);
-            if let Some(Err(e)) = topic_status.get(topic) {
-                pending.push(Pending::Failed(e.clone()));
+            if let Some(Err(e)) = topic_status.get(&topic) {
+                refused.insert(key);
+                pending.push(Pending::Failed(e.clone(), span));
+                continue;
+            }
+            if refused.contains(&key) {
+                pending.push(Pending::Failed(
+                    PublishError::transient("not sent: behind a failed event of its aggregate"),
+                    span,
+                ));
                 continue;
             }
             let mut headers = OwnedHeaders::new_with_capacity(8);
-            for (key, value) in headers_of_event {
+            for (key, value) in
+                event.message_headers(span.traceparent.as_deref(), span.tracestate.as_deref())
+            {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 });
             }
-            let mut record = FutureRecord::to(topic)
+            let mut record = FutureRecord::to(&topic)
                 .key(event.aggregate_id.as_bytes())
                 .payload(&event.payload)
                 .headers(headers);
             if let Some(ts) = event.created_at_ms {
                 record = record.timestamp(ts);
             }
-            loop {
+            let sent = loop {
                 match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(Pending::Sent(delivery));
-                        break;
-                    }
+                    Ok(delivery) => break Ok(delivery),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // The local queue is full: let deliveries drain, then try again.
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((e, _)) => {
-                        renew_producer |= self.failed(&e, topic);
-                        pending.push(Pending::Failed(classify(&e)));
-                        break;
-                    }
+                    Err((e, _)) => break Err(e),
                 }
-            }
-        }
-        let mut results = Vec::with_capacity(events.len());
-        for ((p, span), topic) in pending.into_iter().zip(spans).zip(&topics) {
-            let result = match p {
-                Pending::Failed(e) => Err(e),
-                Pending::Sent(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => {
-                        renew_producer |= self.failed(&e, topic);
-                        Err(classify(&e))
-                    }
-                    Err(_) => Err(PublishError::transient(
-                        "the Kafka producer dropped the delivery report",
-                    )),
-                },
             };
-            span.end(&result);
-            results.push(result);
-        }
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            warn!(error = %e, "Kafka publish failures in batch");
-        }
-
-        // An idempotent producer that hit a fatal error, or whose identity the broker no longer
-        // accepts (fenced epoch, sequence gap), fails every later message: start a new one.
-        // Every delivery report of this batch has arrived, so nothing is in flight on the old
-        // one; the failed events are retried, in order, on the new one.
-        let fatal = self.producer.client().fatal_error();
-        if renew_producer || fatal.is_some() {
-            let reason = fatal
-                .map(|(code, reason)| format!("{code}: {reason}"))
-                .unwrap_or_else(|| {
-                    "the broker no longer accepts its producer id, epoch or sequence".into()
-                });
-            warn!(
-                reason,
-                "the Kafka producer cannot continue; creating a new one"
-            );
-            match client_config(&self.config).create::<FutureProducer>() {
-                Ok(producer) => {
-                    // Destroying a librdkafka handle blocks (purge, thread joins).
-                    let old = std::mem::replace(&mut self.producer, producer);
-                    tokio::task::spawn_blocking(move || drop(old));
-                    crate::metrics::record_producer_renewed();
+            match sent {
+                Ok(delivery) => {
+                    self.in_flight.fetch_add(1, Ordering::AcqRel);
+                    pending.push(Pending::Sent(delivery, topic, span));
                 }
-                Err(e) => warn!(error = %e, "cannot create a new Kafka producer; retrying later"),
+                Err(e) => {
+                    note_failure(&self.reports, &e, &topic);
+                    refused.insert(key);
+                    pending.push(Pending::Failed(classify(&e), span));
+                }
             }
         }
-        results
+        let reports = self.reports.clone();
+        let in_flight = self.in_flight.clone();
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(pending.len());
+            for p in pending {
+                let (result, span) = match p {
+                    Pending::Failed(e, span) => (Err(e), span),
+                    Pending::Sent(delivery, topic, span) => {
+                        let result = match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => {
+                                note_failure(&reports, &e, &topic);
+                                Err(classify(&e))
+                            }
+                            Err(_) => Err(PublishError::unavailable(
+                                "the Kafka producer dropped the delivery report",
+                            )),
+                        };
+                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                        (result, span)
+                    }
+                };
+                span.end(&result);
+                results.push(result);
+            }
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                warn!(error = %e, "Kafka publish failures in batch");
+            }
+            results
+        })
     }
 
     fn system(&self) -> &'static str {

@@ -1,29 +1,48 @@
 //! Sinks: where events go. One file per broker.
 //!
-//! The contract every sink keeps (and the pipeline relies on):
-//! - `publish` returns one result per event, in the order given, and returns only after every
-//!   event has been confirmed by the broker or has definitely failed. `Ok` means the broker has
-//!   the message durably (Kafka: delivery report with `acks=all`; RabbitMQ: publisher-confirm
-//!   `ack` with no `basic.return`). Nothing else counts as success.
-//! - Events of one aggregate are handed to the broker in the order given, so they reach it in
-//!   that order as long as they succeed; the pipeline re-sends everything of an aggregate behind
-//!   a failure, so duplicates are possible and loss is not.
-//! - A lost connection is not an error of the sink's lifetime: the next `publish` reconnects.
+//! The contract every sink keeps (and the engine relies on):
+//! - `send` hands the events to the broker's client in the order given and resolves once they
+//!   are on their way; the future it returns resolves once every event has been confirmed by the
+//!   broker or has definitely failed, with one result per event, in the order given. `Ok` means
+//!   the broker has the message durably (Kafka: delivery report with `acks=all`; RabbitMQ:
+//!   publisher-confirm `ack` with no `basic.return`). Nothing else counts as success.
+//! - Several sends may be in flight at once. Events of one aggregate are handed to the broker in
+//!   the order of the calls and of the events in each call, on one ordered path (Kafka: one
+//!   partition of one idempotent producer; RabbitMQ: one channel), so they reach the broker in
+//!   that order as long as they succeed.
+//! - A sink never switches to a new path (a new AMQP connection, a new Kafka producer) while
+//!   confirmations from the old one are outstanding: until they are in, `send` fails every event
+//!   with [`FailureKind::Unavailable`]. So an event sent after a failed one of its aggregate can
+//!   only reach the broker ahead of the failed one's re-send if it was already in flight on the
+//!   same path; the engine never confirms such an event and sends it again behind.
+//! - A lost connection is not an error of the sink's lifetime: a later `send` reconnects.
+//!
+//! [`FailureKind::Unavailable`]: crate::error::FailureKind::Unavailable
 
 pub mod amqp;
 pub mod kafka;
+
+use futures::future::BoxFuture;
 
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 
+/// The broker's answers for one `send`, result `i` for event `i`.
+pub type Confirmations = BoxFuture<'static, Vec<Result<(), PublishError>>>;
+
 /// A broker the relay publishes to. See the module docs for the contract.
 pub trait Sink: Send {
-    /// Publishes `events` and waits for every confirmation; result `i` is for `events[i]`.
+    /// Hands `events` to the broker in order; the returned future yields their confirmations.
+    fn send(&mut self, events: &[&OutboxEvent]) -> impl Future<Output = Confirmations> + Send;
+
+    /// Sends `events` and waits for every confirmation; result `i` is for `events[i]`.
     fn publish(
         &mut self,
         events: &[&OutboxEvent],
-    ) -> impl Future<Output = Vec<Result<(), PublishError>>> + Send;
+    ) -> impl Future<Output = Vec<Result<(), PublishError>>> + Send {
+        async move { self.send(events).await.await }
+    }
 
     /// Short name of the destination system, for logs and metrics (`kafka`, `rabbitmq`).
     fn system(&self) -> &'static str;
@@ -49,10 +68,10 @@ impl AnySink {
 }
 
 impl Sink for AnySink {
-    async fn publish(&mut self, events: &[&OutboxEvent]) -> Vec<Result<(), PublishError>> {
+    async fn send(&mut self, events: &[&OutboxEvent]) -> Confirmations {
         match self {
-            AnySink::Kafka(s) => s.publish(events).await,
-            AnySink::Rabbitmq(s) => s.publish(events).await,
+            AnySink::Kafka(s) => s.send(events).await,
+            AnySink::Rabbitmq(s) => s.send(events).await,
         }
     }
 

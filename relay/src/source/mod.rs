@@ -1,26 +1,30 @@
-//! Sources: where events come from. `poll` reads the outbox table; `wal` (log tailing) will
-//! stream it from the WAL.
+//! Sources: where events come from. `poll` reads the outbox table; `wal` (log tailing) streams
+//! its inserts from the WAL.
 //!
 //! The contract every source keeps:
 //! - `next_batch` returns events in outbox order (commit order for wal) and never skips a
 //!   committed event, however late it commits relative to its neighbours.
-//! - An event stays pending until `confirm` (broker confirmed it) or `dead_letter` was called
-//!   for it; after a crash everything unconfirmed is read again. Duplicates are possible, loss
-//!   is not.
+//! - An event handed out by `next_batch` is *out*: later batches leave it out until the engine
+//!   calls `confirm` (the broker confirmed it), `dead_letter`, or `release` (not confirmed: read
+//!   it again). Several batches may be out at once. Events of the aggregates in `blocked` are
+//!   left out of a batch, and so is everything of theirs behind them.
+//! - An event stays pending until `confirm` or `dead_letter` was called for it; after a crash
+//!   everything unconfirmed is read again. Duplicates are possible, loss is not.
 //! - `lead` makes this instance the only active relay of the outbox, or waits until it can be.
 
 pub mod pgoutput;
 pub mod poll;
 pub mod wal;
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::event::OutboxEvent;
+use crate::event::{AggregateKey, OutboxEvent};
 use crate::store::{Outbox, PgConn};
 
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
@@ -63,10 +67,14 @@ pub trait Source: Send + Sized {
     /// with it the leader lock, is gone).
     fn leadership_lost(&self) -> CancellationToken;
 
-    /// Waits for events and returns up to `max` of them; empty only when shutting down.
+    /// Returns up to `max` events that are not out, leaving out the aggregates in `blocked`.
+    /// With `wait_until`, waits for events until that instant; without, returns what is there
+    /// now. Empty when there is nothing (by then), or when shutting down.
     fn next_batch(
         &mut self,
         max: usize,
+        blocked: &HashSet<AggregateKey>,
+        wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;
 
@@ -75,6 +83,9 @@ pub trait Source: Send + Sized {
         &mut self,
         events: &[&OutboxEvent],
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// These events are not confirmed: hand them out again (in order, in a later batch).
+    fn release(&mut self, events: &[&OutboxEvent]);
 
     /// The broker refused `event` permanently; returns the attempts counted so far.
     fn record_failure(

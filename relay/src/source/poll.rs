@@ -12,6 +12,7 @@
 //! If the relay dies or its connection drops, Postgres releases the lock and a standby takes
 //! over at its next try (`poll.standby_interval`).
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::Source;
 use crate::config::{Config, PollConfig};
 use crate::error::Error;
-use crate::event::OutboxEvent;
+use crate::event::{AggregateKey, OutboxEvent};
 use crate::store::{Outbox, PgConn};
 
 pub struct PollSource {
@@ -28,6 +29,8 @@ pub struct PollSource {
     outbox: Outbox,
     config: PollConfig,
     last_cleanup: Instant,
+    /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released.
+    out: HashSet<i64>,
 }
 
 impl PollSource {
@@ -52,6 +55,17 @@ impl PollSource {
 impl Source for PollSource {
     async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
+        // The pending read must walk the pending index in relay_seq order and stop after
+        // `batch_size` rows, whatever the statistics say: right after a large backlog is
+        // committed they still describe an empty table, and the planner would pick a bitmap
+        // scan of the whole backlog plus a sort for every batch. Custom plans also let Postgres
+        // hash the in-flight list instead of searching it row by row.
+        conn.client
+            .batch_execute(
+                "SET plan_cache_mode = force_custom_plan; SET enable_bitmapscan = off; SET enable_sort = off",
+            )
+            .await
+            .map_err(|e| Error::pg("cannot set up the polling connection", e))?;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
         let trigger = outbox.has_notify_trigger(&conn.client).await?;
         if config.poll.notify {
@@ -71,6 +85,7 @@ impl Source for PollSource {
             outbox,
             config: config.poll.clone(),
             last_cleanup: Instant::now(),
+            out: HashSet::new(),
         })
     }
 
@@ -91,6 +106,8 @@ impl Source for PollSource {
     async fn next_batch(
         &mut self,
         max: usize,
+        blocked: &HashSet<AggregateKey>,
+        wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
         loop {
@@ -102,24 +119,49 @@ impl Source for PollSource {
             // Drain a pending wake-up *before* reading, so a commit that lands after this read
             // still wakes the wait below.
             while self.conn.notifications.try_recv().is_ok() {}
-            let events = self.outbox.fetch_pending(&self.conn.client, max).await?;
+            // Every unpublished row that is not out, from the start: a row that commits late
+            // with a smaller relay_seq is found by the next read, never skipped.
+            let out: Vec<i64> = self.out.iter().copied().collect();
+            let events = self
+                .outbox
+                .fetch_pending(&self.conn.client, max, &out, blocked)
+                .await?;
             if !events.is_empty() {
                 debug!(count = events.len(), "read pending events");
+                self.out.extend(events.iter().map(|e| e.seq));
                 return Ok(events);
             }
+            let now = Instant::now();
+            let until = match wait_until {
+                Some(t) if t > now => t,
+                _ => return Ok(vec![]),
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(vec![]),
                 _ = self.conn.notifications.recv() => {}
-                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = tokio::time::sleep(self.config.interval.min(until - now)) => {}
             }
         }
     }
 
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
         self.outbox
             .confirm(&self.conn.client, &seqs, self.config.retention.is_zero())
-            .await
+            .await?;
+        for seq in seqs {
+            self.out.remove(&seq);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, events: &[&OutboxEvent]) {
+        for e in events {
+            self.out.remove(&e.seq);
+        }
     }
 
     async fn record_failure(&mut self, event: &OutboxEvent, error: &str) -> Result<u32, Error> {
@@ -139,6 +181,8 @@ impl Source for PollSource {
     ) -> Result<(), Error> {
         self.outbox
             .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
-            .await
+            .await?;
+        self.out.remove(&event.seq);
+        Ok(())
     }
 }

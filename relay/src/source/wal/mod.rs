@@ -27,6 +27,10 @@
 //! <https://www.postgresql.org/docs/15/logicaldecoding-explanation.html>.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+pub mod frontier;
+
+use self::frontier::{Confirmed, Frontier};
 use std::time::{Duration, Instant};
 
 use pgwire_replication::client::ReplicationEvent;
@@ -39,7 +43,7 @@ use super::Source;
 use super::pgoutput::{self, BYTEA_OID, Message, Relation, Value};
 use crate::config::{ColumnsConfig, Config};
 use crate::error::Error;
-use crate::event::{OutboxEvent, parse_headers};
+use crate::event::{AggregateKey, OutboxEvent, parse_headers};
 use crate::ident::QualifiedName;
 use crate::store::{Outbox, PgConn};
 use crate::tls::PgTarget;
@@ -363,17 +367,6 @@ fn emitted_event(seq: i64, lsn: Lsn, content: &[u8]) -> OutboxEvent {
     }
 }
 
-/// A transaction whose events are in flight.
-#[derive(Debug)]
-struct Txn {
-    id: u64,
-    /// Commit time, ms since the Unix epoch (saved with the progress).
-    commit_ms: i64,
-    /// Set at Commit: the position to confirm once `outstanding` reaches 0.
-    end_lsn: Option<Lsn>,
-    outstanding: usize,
-}
-
 pub struct WalSource {
     conn: PgConn,
     outbox: Outbox,
@@ -382,19 +375,17 @@ pub struct WalSource {
     publication: String,
     repl: Option<ReplicationClient>,
     relations: HashMap<u32, Option<ColumnMap>>,
-    txns: VecDeque<Txn>,
-    next_txn: u64,
-    open_txn: Option<u64>,
-    event_txn: HashMap<i64, u64>,
+    /// What may be reported to Postgres as flushed (see [`frontier`]).
+    frontier: Frontier,
     ready: VecDeque<OutboxEvent>,
     /// Handed to the pipeline and not yet confirmed or dead-lettered: sent again first.
     handed: BTreeMap<i64, OutboxEvent>,
+    /// Of `handed`, those in flight now (handed out and not yet released).
+    out: HashSet<i64>,
     attempts: HashMap<i64, u32>,
     held: HashSet<(String, String)>,
     held_loaded: Instant,
     next_seq: i64,
-    confirmed: Lsn,
-    confirmed_commit_ms: i64,
     saved: Lsn,
     progress_saved_at: Instant,
     last_cleanup: Instant,
@@ -622,72 +613,30 @@ impl WalSource {
         }
     }
 
-    fn txn_mut(&mut self, id: u64) -> Option<&mut Txn> {
-        let front = self.txns.front()?.id;
-        self.txns.get_mut((id - front) as usize)
-    }
-
-    fn begin_txn(&mut self, end_lsn: Option<Lsn>, commit_ms: i64) -> u64 {
-        let id = self.next_txn;
-        self.next_txn += 1;
-        self.txns.push_back(Txn {
-            id,
-            commit_ms,
-            end_lsn,
-            outstanding: 0,
-        });
-        id
-    }
-
-    fn enqueue(&mut self, event: OutboxEvent, txn: u64) {
-        if let Some(t) = self.txn_mut(txn) {
-            t.outstanding += 1;
-        }
-        self.event_txn.insert(event.seq, txn);
+    fn enqueue(&mut self, event: OutboxEvent) {
         self.ready.push_back(event);
     }
 
     /// The event left flight (confirmed or dead-lettered): maybe move the flush LSN.
     fn settle(&mut self, seq: i64) {
         self.handed.remove(&seq);
+        self.out.remove(&seq);
         self.attempts.remove(&seq);
-        if let Some(txn) = self.event_txn.remove(&seq)
-            && let Some(t) = self.txn_mut(txn)
-        {
-            t.outstanding = t.outstanding.saturating_sub(1);
-        }
-        self.advance();
-    }
-
-    fn advance(&mut self) {
-        let mut newest = None;
-        while let Some(front) = self.txns.front() {
-            match front.end_lsn {
-                Some(lsn) if front.outstanding == 0 => {
-                    newest = Some((lsn, front.commit_ms));
-                    self.txns.pop_front();
-                }
-                _ => break,
-            }
-        }
-        if let Some((lsn, commit_ms)) = newest {
-            self.confirm_lsn(lsn, commit_ms);
+        if let Some(c) = self.frontier.settle(seq) {
+            self.report(c);
         }
     }
 
-    fn confirm_lsn(&mut self, lsn: Lsn, commit_ms: i64) {
-        if lsn > self.confirmed {
-            self.confirmed = lsn;
-            self.confirmed_commit_ms = commit_ms;
-            if let Some(repl) = &self.repl {
-                repl.update_applied_lsn(lsn);
-            }
+    /// A new confirmed position: to the replication client, which reports it to Postgres
+    /// within `wal.status_interval` (coalescing what moves meanwhile).
+    fn report(&mut self, c: Confirmed) {
+        if let Some(repl) = &self.repl {
+            repl.update_applied_lsn(c.lsn);
         }
     }
 
     fn idle(&self) -> bool {
-        self.txns.is_empty()
-            && self.open_txn.is_none()
+        self.frontier.is_idle()
             && self.ready.is_empty()
             && self.handed.is_empty()
             && self.backfill.is_none()
@@ -698,16 +647,13 @@ impl WalSource {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
             } => {
-                let id = self.begin_txn(None, pg_epoch_micros_to_unix_ms(commit_time_micros));
-                self.open_txn = Some(id);
+                self.frontier
+                    .begin(pg_epoch_micros_to_unix_ms(commit_time_micros));
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
-                if let Some(id) = self.open_txn.take()
-                    && let Some(t) = self.txn_mut(id)
-                {
-                    t.end_lsn = Some(end_lsn);
+                if let Some(c) = self.frontier.commit(end_lsn) {
+                    self.report(c);
                 }
-                self.advance();
             }
             ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)
                 .map_err(|e| Error::Setup(format!("cannot decode pgoutput: {e}")))?
@@ -729,15 +675,10 @@ impl WalSource {
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let event = map.event(seq, &values);
-                    let txn = match self.open_txn {
-                        Some(t) => t,
-                        None => {
-                            return Err(Error::Setup(
-                                "pgoutput Insert outside a transaction".into(),
-                            ));
-                        }
-                    };
-                    self.enqueue(event, txn);
+                    if !self.frontier.add_to_open(seq) {
+                        return Err(Error::Setup("pgoutput Insert outside a transaction".into()));
+                    }
+                    self.enqueue(event);
                 }
                 Message::Other(_) => {}
             },
@@ -753,11 +694,10 @@ impl WalSource {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let event = emitted_event(seq, lsn, &content);
-                let txn = match (transactional, self.open_txn) {
-                    (true, Some(t)) => t,
-                    _ => self.begin_txn(Some(lsn), now_ms()),
-                };
-                self.enqueue(event, txn);
+                if !(transactional && self.frontier.add_to_open(seq)) {
+                    self.frontier.add_standalone(seq, lsn, now_ms());
+                }
+                self.enqueue(event);
             }
             ReplicationEvent::KeepAlive {
                 wal_end,
@@ -767,8 +707,12 @@ impl WalSource {
                 // Nothing in flight: everything up to the server's position is done, even if
                 // it was all other tables' changes. This is what keeps the slot moving.
                 // The server's clock, not ours: a repair starts from this time.
-                if self.idle() {
-                    self.confirm_lsn(wal_end, pg_epoch_micros_to_unix_ms(server_time_micros));
+                if self.idle()
+                    && let Some(c) = self
+                        .frontier
+                        .keepalive(wal_end, pg_epoch_micros_to_unix_ms(server_time_micros))
+                {
+                    self.report(c);
                 }
             }
             ReplicationEvent::StoppedAt { .. } => {}
@@ -778,16 +722,17 @@ impl WalSource {
 
     /// Records the confirmed position in our progress row, if it moved since the last save.
     async fn save_progress(&mut self) -> Result<(), Error> {
-        if self.confirmed > self.saved {
+        let confirmed = self.frontier.confirmed();
+        if confirmed > self.saved {
             self.outbox
                 .save_progress(
                     &self.conn.client,
                     &self.slot,
-                    &self.confirmed.to_pg_string(),
-                    self.confirmed_commit_ms,
+                    &confirmed.to_pg_string(),
+                    self.frontier.confirmed_commit_ms(),
                 )
                 .await?;
-            self.saved = self.confirmed;
+            self.saved = confirmed;
             self.progress_saved_at = Instant::now();
         }
         Ok(())
@@ -807,9 +752,9 @@ impl WalSource {
             self.last_cleanup = Instant::now();
             // Rows a repair of a lost slot might still need (created after the last confirmed
             // commit minus the margin) are kept, whatever the retention.
-            let needed_for_repair =
-                Duration::from_millis((now_ms() - self.confirmed_commit_ms).max(0) as u64)
-                    + self.config.wal.repair_margin;
+            let needed_for_repair = Duration::from_millis(
+                (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
+            ) + self.config.wal.repair_margin;
             let deleted = self
                 .outbox
                 .cleanup(&self.conn.client, retention.max(needed_for_repair))
@@ -836,18 +781,14 @@ impl Source for WalSource {
             config: config.clone(),
             repl: None,
             relations: HashMap::new(),
-            txns: VecDeque::new(),
-            next_txn: 0,
-            open_txn: None,
-            event_txn: HashMap::new(),
+            frontier: Frontier::new(Lsn(0), now_ms()),
             ready: VecDeque::new(),
             handed: BTreeMap::new(),
+            out: HashSet::new(),
             attempts: HashMap::new(),
             held,
             held_loaded: Instant::now(),
             next_seq: 1,
-            confirmed: Lsn(0),
-            confirmed_commit_ms: now_ms(),
             saved: Lsn(0),
             progress_saved_at: Instant::now(),
             last_cleanup: Instant::now(),
@@ -895,7 +836,7 @@ impl Source for WalSource {
             .await
             .map_err(replication_error)?;
         info!(slot = %self.slot, publication = %self.publication, start = %start, "streaming the outbox from the WAL");
-        self.confirmed = start;
+        self.frontier = Frontier::new(start, self.frontier.confirmed_commit_ms());
         // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
         // repair would start) until a transaction really is.
         self.saved = start;
@@ -909,7 +850,7 @@ impl Source for WalSource {
                 )
                 .await
         {
-            self.confirmed_commit_ms = row.get(0);
+            self.frontier.set_confirmed_commit_ms(row.get(0));
         }
         self.repl = Some(repl);
         Ok(true)
@@ -922,18 +863,39 @@ impl Source for WalSource {
     async fn next_batch(
         &mut self,
         max: usize,
+        blocked: &HashSet<AggregateKey>,
+        wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
+        let is_blocked = |e: &OutboxEvent| {
+            !blocked.is_empty()
+                && blocked.contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+        };
+        // Events of blocked aggregates read from the stream wait in memory; past this many the
+        // stream is not read further until some are sent (bounded memory; the slot cannot move
+        // past them anyway).
+        let park_limit = max.saturating_mul(3);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(vec![]);
             }
             self.conn.ensure_open()?;
             self.housekeeping().await?;
-            // Events the pipeline did not settle last round go first, in order.
-            let mut batch: Vec<OutboxEvent> = self.handed.values().cloned().collect();
+            // Events released unconfirmed go first, in order (not those still out, nor those of
+            // an aggregate that waits out a failure).
+            let mut batch: Vec<OutboxEvent> = Vec::new();
+            if self.handed.len() > self.out.len() {
+                for (seq, e) in &self.handed {
+                    if batch.len() >= max {
+                        break;
+                    }
+                    if !self.out.contains(seq) && !is_blocked(e) {
+                        batch.push(e.clone());
+                    }
+                }
+            }
             // A repair of a lost slot publishes the gap from the table before streaming.
-            if batch.is_empty() && self.backfill.is_some() {
+            if self.handed.is_empty() && self.backfill.is_some() {
                 match self.next_backfill(max).await? {
                     Some(events) => {
                         for e in &events {
@@ -944,36 +906,58 @@ impl Source for WalSource {
                     None => continue,
                 }
             }
+            let mut parked_full = false;
             while self.backfill.is_none() {
+                if self
+                    .handed
+                    .len()
+                    .saturating_sub(self.out.len() + batch.len())
+                    >= park_limit
+                {
+                    parked_full = true;
+                    break;
+                }
                 while batch.len() < max
+                    && self
+                        .handed
+                        .len()
+                        .saturating_sub(self.out.len() + batch.len())
+                        < park_limit
                     && let Some(e) = self.ready.pop_front()
                 {
+                    let blocked_now = is_blocked(&e);
                     self.handed.insert(e.seq, e.clone());
-                    batch.push(e);
+                    if !blocked_now {
+                        batch.push(e);
+                    }
                 }
                 if batch.len() >= max {
                     break;
                 }
+                let now = Instant::now();
+                let wait = match wait_until {
+                    Some(t) if batch.is_empty() && t > now => Some(t - now),
+                    _ => None,
+                };
                 let repl = self
                     .repl
                     .as_mut()
                     .ok_or_else(|| Error::Setup("replication not started".into()))?;
-                let received = if batch.is_empty() {
-                    tokio::select! {
+                let received = match wait {
+                    Some(left) => tokio::select! {
                         _ = shutdown.cancelled() => return Ok(vec![]),
                         r = repl.recv() => r,
                         // Idle: still save progress (and do the chores) every status interval.
-                        _ = tokio::time::sleep(self.config.wal.status_interval) => {
+                        _ = tokio::time::sleep(self.config.wal.status_interval.min(left)) => {
                             self.housekeeping().await?;
                             continue;
                         }
-                    }
-                } else {
+                    },
                     // Only what is already buffered: do not hold a batch back waiting.
-                    match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
+                    None => match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
                         Ok(r) => r,
                         Err(_) => break,
-                    }
+                    },
                 };
                 match received.map_err(replication_error)? {
                     Some(event) => {
@@ -1023,7 +1007,20 @@ impl Source for WalSource {
                 }
             }
             if !out.is_empty() {
+                self.out.extend(out.iter().map(|e| e.seq));
                 return Ok(out);
+            }
+            if wait_until.is_none_or(|t| t <= Instant::now()) {
+                return Ok(vec![]);
+            }
+            if parked_full {
+                // Nothing sendable until a blocked aggregate is released: wait a little, then
+                // let the engine look at its blocks again.
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(self.config.wal.status_interval) => {}
+                }
+                return Ok(vec![]);
             }
         }
     }
@@ -1054,6 +1051,12 @@ impl Source for WalSource {
             self.settle(e.seq);
         }
         Ok(())
+    }
+
+    fn release(&mut self, events: &[&OutboxEvent]) {
+        for e in events {
+            self.out.remove(&e.seq);
+        }
     }
 
     async fn record_failure(&mut self, event: &OutboxEvent, error: &str) -> Result<u32, Error> {
