@@ -26,6 +26,9 @@ struct World {
     /// Most sends whose answers were outstanding at one time.
     max_outstanding: usize,
     outstanding: usize,
+    /// Aggregates with events in an unanswered send, and sends that added to one.
+    aggregates_in_flight: HashMap<String, usize>,
+    overtaking_sends: usize,
 }
 
 struct MemorySource {
@@ -164,6 +167,17 @@ impl Sink for ScriptedSink {
             }
             w.outstanding += 1;
             w.max_outstanding = w.max_outstanding.max(w.outstanding);
+            if events
+                .iter()
+                .any(|e| w.aggregates_in_flight.contains_key(&e.aggregate_id))
+            {
+                w.overtaking_sends += 1;
+            }
+            for e in events {
+                *w.aggregates_in_flight
+                    .entry(e.aggregate_id.clone())
+                    .or_default() += 1;
+            }
             for e in events {
                 let n = self.sends.entry(e.seq).or_insert(0);
                 *n += 1;
@@ -175,9 +189,20 @@ impl Sink for ScriptedSink {
             }
         }
         let world = self.world.clone();
+        let aggregates: Vec<String> = events.iter().map(|e| e.aggregate_id.clone()).collect();
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            world.lock().unwrap().outstanding -= 1;
+            let mut w = world.lock().unwrap();
+            w.outstanding -= 1;
+            for a in aggregates {
+                if let Some(n) = w.aggregates_in_flight.get_mut(&a) {
+                    *n -= 1;
+                    if *n == 0 {
+                        w.aggregates_in_flight.remove(&a);
+                    }
+                }
+            }
+            drop(w);
             results
         })
     }
@@ -330,7 +355,9 @@ impl Run {
 
 #[tokio::test]
 async fn batches_overlap_and_every_event_is_confirmed_in_order_per_aggregate() {
-    let evs = events(400, &["hot", "warm", "a", "b"]);
+    let names: Vec<String> = (0..40).map(|i| format!("agg-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let evs = events(400, &names);
     let run = run(
         config(OnDeadLetter::Hold, 3),
         evs,
@@ -350,6 +377,10 @@ async fn batches_overlap_and_every_event_is_confirmed_in_order_per_aggregate() {
     assert!(
         w.max_outstanding <= 4,
         "more than max_in_flight batches in flight"
+    );
+    assert_eq!(
+        w.overtaking_sends, 0,
+        "an aggregate was in two sends at once"
     );
     assert_eq!(
         w.broker.len(),
@@ -375,6 +406,10 @@ async fn answers_completing_out_of_order_are_applied_in_source_order() {
     assert!(run.result.is_ok());
     let w = run.world();
     assert_eq!(w.confirmed, (1..=80).collect::<Vec<_>>());
+    assert_eq!(
+        w.overtaking_sends, 0,
+        "one aggregate: one batch in flight at a time"
+    );
 }
 
 #[tokio::test]
@@ -583,4 +618,33 @@ async fn a_poison_events_retry_goes_alone_so_what_is_behind_it_is_sent_at_most_o
         "{:?}",
         w.broker
     );
+}
+
+#[tokio::test]
+async fn events_the_broker_took_behind_a_failed_one_are_not_confirmed_but_sent_again_behind_it() {
+    // The first event fails once; the broker takes the rest of its batch.
+    let script: Arc<Script> = Arc::new(|e, n| {
+        if e.seq == 1 && n == 1 {
+            Err(PublishError::transient("nacked"))
+        } else {
+            Ok(())
+        }
+    });
+    let run = run(
+        config(OnDeadLetter::Hold, 3),
+        events(30, &["A"]),
+        script,
+        ms(&[1]),
+        |w| w.confirmed.len() == 30,
+        |_, _| {},
+    )
+    .await;
+    assert!(run.result.is_ok());
+    run.assert_in_order();
+    let w = run.world();
+    assert_eq!(w.confirmed, (1..=30).collect::<Vec<_>>());
+    // 2..10 reached the broker ahead of 1 and again behind it.
+    for seq in 2..=10 {
+        assert_eq!(w.broker.iter().filter(|&&s| s == seq).count(), 2, "{seq}");
+    }
 }
