@@ -17,7 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{info, warn};
 
-use super::{Confirmations, Sink};
+use super::{Confirmations, InFlight, Sink};
 use crate::config::RabbitmqConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
@@ -221,7 +221,7 @@ impl Sink for AmqpSink {
         };
         let link_in_flight = self.in_flight.clone();
         enum Pending {
-            Sent(String, PublisherConfirm, Box<PublishSpan>),
+            Sent(String, PublisherConfirm, Box<PublishSpan>, InFlight),
             Failed(PublishError),
         }
         let mut pending = Vec::with_capacity(events.len());
@@ -268,8 +268,8 @@ impl Sink for AmqpSink {
                 .await;
             match sent {
                 Ok(confirm) => {
-                    link_in_flight.fetch_add(1, Ordering::AcqRel);
-                    pending.push(Pending::Sent(routing_key, confirm, Box::new(span)));
+                    let counted = InFlight::new(&link_in_flight);
+                    pending.push(Pending::Sent(routing_key, confirm, Box::new(span), counted));
                 }
                 Err(e) => {
                     // Everything after a failed write fails too: keeps the aggregate's order.
@@ -286,14 +286,14 @@ impl Sink for AmqpSink {
             for p in pending {
                 results.push(match p {
                     Pending::Failed(e) => Err(e),
-                    Pending::Sent(routing_key, confirm, span) => {
+                    Pending::Sent(routing_key, confirm, span, counted) => {
                         let result = confirmation(
                             tokio::time::timeout(confirm_timeout, confirm).await,
                             confirm_timeout,
                             &exchange,
                             &routing_key,
                         );
-                        link_in_flight.fetch_sub(1, Ordering::AcqRel);
+                        drop(counted);
                         span.end(&result);
                         result
                     }

@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
-use super::{Confirmations, Sink};
+use super::{Confirmations, InFlight, Sink};
 use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
@@ -355,7 +355,12 @@ impl Sink for KafkaSink {
         }
 
         enum Pending {
-            Sent(rdkafka::producer::DeliveryFuture, String, PublishSpan),
+            Sent(
+                rdkafka::producer::DeliveryFuture,
+                String,
+                PublishSpan,
+                InFlight,
+            ),
             Failed(PublishError, PublishSpan),
         }
         let mut pending = Vec::with_capacity(events.len());
@@ -413,8 +418,8 @@ impl Sink for KafkaSink {
             };
             match sent {
                 Ok(delivery) => {
-                    self.in_flight.fetch_add(1, Ordering::AcqRel);
-                    pending.push(Pending::Sent(delivery, topic, span));
+                    let counted = InFlight::new(&self.in_flight);
+                    pending.push(Pending::Sent(delivery, topic, span, counted));
                 }
                 Err(e) => {
                     note_failure(&self.reports, &e, &topic);
@@ -424,13 +429,12 @@ impl Sink for KafkaSink {
             }
         }
         let reports = self.reports.clone();
-        let in_flight = self.in_flight.clone();
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
             for p in pending {
                 let (result, span) = match p {
                     Pending::Failed(e, span) => (Err(e), span),
-                    Pending::Sent(delivery, topic, span) => {
+                    Pending::Sent(delivery, topic, span, counted) => {
                         let result = match delivery.await {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err((e, _))) => {
@@ -441,7 +445,7 @@ impl Sink for KafkaSink {
                                 "the Kafka producer dropped the delivery report",
                             )),
                         };
-                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                        drop(counted);
                         (result, span)
                     }
                 };

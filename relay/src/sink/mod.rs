@@ -22,11 +22,32 @@
 pub mod amqp;
 pub mod kafka;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use futures::future::BoxFuture;
 
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+
+/// One message counted as in flight on a sink's current path (AMQP connection, Kafka producer)
+/// until its answer is in, or until its confirmation future is dropped (a session ended and
+/// the events will be read again): a dropped future must not pin the path forever.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub(crate) fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The broker's answers for one `send`, result `i` for event `i`.
 pub type Confirmations = BoxFuture<'static, Vec<Result<(), PublishError>>>;
