@@ -249,8 +249,18 @@ async fn metrics_match_the_events_sent_and_readyz_follows_the_broker() {
         .await,
         "never ready"
     );
-    let (_, ready) = http_get(&format!("{base}/readyz")).await;
-    assert!(ready.contains("\"active\":true"), "{ready}");
+    // A healthy standby is ready too: wait until this instance has taken the leader lock.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            http_get(&format!("{base}/readyz"))
+                .await
+                .1
+                .contains("\"active\":true")
+        })
+        .await,
+        "never active: {}",
+        http_get(&format!("{base}/readyz")).await.1
+    );
 
     let written = write_events(&s.db.url, "wallet", 20, 25, 4).await;
     let got = reader.read_until(&written, Duration::from_secs(60)).await;

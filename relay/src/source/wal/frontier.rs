@@ -126,6 +126,11 @@ impl Frontier {
         self.advance()
     }
 
+    /// A transaction's `Begin` arrived and its `Commit` has not.
+    pub fn has_open(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// Nothing open and nothing unsettled.
     pub fn is_idle(&self) -> bool {
         self.txns.is_empty() && self.open.is_none()

@@ -1026,12 +1026,31 @@ impl Source for WalSource {
     }
 
     async fn close(&mut self) {
+        // Events are handed out as they arrive, so the last transaction's events may all be
+        // confirmed while its Commit is still unread: read on briefly so the position can pass
+        // it (otherwise the next relay sends that transaction again).
+        let until = Instant::now() + Duration::from_millis(500);
+        while self.frontier.has_open() && Instant::now() < until {
+            let Some(repl) = self.repl.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(until - Instant::now(), repl.recv()).await {
+                Ok(Ok(Some(event))) => {
+                    if self.handle(event).is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
         let Some(repl) = self.repl.as_mut() else {
             return;
         };
         // The worker reports positions every `status_interval`; wait for the last one so the
         // next relay does not send the final second again.
-        let deadline = Instant::now() + self.config.wal.status_interval * 3;
+        // At least 2 s: on a busy machine the worker may need longer than a few intervals.
+        let deadline =
+            Instant::now() + (self.config.wal.status_interval * 3).max(Duration::from_secs(2));
         while repl.feedback_pending_since().is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
