@@ -374,7 +374,6 @@ impl Engine<'_> {
                         source
                             .dead_letter(&event, &format!("invalid event: {defect}"), 1, hold)
                             .await?;
-                        crate::metrics::record_dead_letter();
                     } else {
                         released.push(event);
                     }
@@ -449,7 +448,6 @@ impl Engine<'_> {
             let attempts = source.record_failure(event, &error).await?;
             if attempts >= self.config.delivery.max_attempts {
                 source.dead_letter(event, &error, attempts, hold).await?;
-                crate::metrics::record_dead_letter();
                 // The dead letter holds the aggregate (or, with `skip`, lets it go on): either
                 // way there is nothing to wait for once its in-flight events are back.
                 self.aggregates.failed(&key_of(event), now, false);
