@@ -528,8 +528,8 @@ impl Outbox {
              FROM {table} o \
              WHERE o.relay_published_at IS NULL \
                AND NOT (o.relay_seq = ANY($2::bigint[])) \
-               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) AS b(t, i) \
-                   WHERE b.t = o.{at}::text AND b.i = o.{ai}::text) \
+               AND NOT ((length(o.{at}::text)::text || ':' || o.{at}::text || o.{ai}::text) \
+                   = ANY($3::text[])) \
                AND NOT EXISTS (SELECT 1 FROM {dl} d WHERE d.holds_aggregate \
                    AND d.aggregate_type = o.{at}::text AND d.aggregate_id = o.{ai}::text) \
              ORDER BY o.relay_seq LIMIT $1",
@@ -669,7 +669,6 @@ impl Outbox {
             .map_err(|e| Error::pg("cannot LISTEN for outbox notifications", e))
     }
 
-    /// Up to `limit` unpublished events in outbox order, skipping held aggregates.
     /// Unpublished events in outbox order, leaving out the rows `out` (in flight) and the
     /// aggregates in `blocked` (waiting out a failure) and those held by a dead letter.
     pub async fn fetch_pending(
@@ -679,12 +678,15 @@ impl Outbox {
         out: &[i64],
         blocked: &HashSet<AggregateKey>,
     ) -> Result<Vec<OutboxEvent>, Error> {
-        let (types, ids): (Vec<&str>, Vec<&str>) = blocked
+        // One text key per aggregate, `<chars in type>:<type><id>` (unambiguous), so that the
+        // planner hashes the list: an anti-join over thousands of (type, id) pairs was a nested
+        // loop per row and made a spread backlog drain at a tenth of its rate.
+        let keys: Vec<String> = blocked
             .iter()
-            .map(|(t, i)| (t.as_str(), i.as_str()))
-            .unzip();
+            .map(|(t, i)| format!("{}:{t}{i}", t.chars().count()))
+            .collect();
         let rows = client
-            .query(&self.fetch_sql, &[&(limit as i64), &out, &types, &ids])
+            .query(&self.fetch_sql, &[&(limit as i64), &out, &keys])
             .await
             .map_err(|e| Error::pg("cannot read pending outbox events", e))?;
         Ok(rows.iter().map(event_from_row).collect())

@@ -163,3 +163,73 @@ impl Drop for Reader {
         }
     }
 }
+
+/// A durable queue bound to `binding` on `exchange` that refuses every message routed to it
+/// (`x-max-length = 0`, `x-overflow = reject-publish`): the broker nacks each such publish.
+pub struct RefusingQueue {
+    channel: Channel,
+    _conn: Connection,
+    pub name: String,
+}
+
+impl RefusingQueue {
+    pub async fn declare(exchange: &str, binding: &str) -> Self {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                exchange,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let name = super::unique("refusing");
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare(
+                &name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                &name,
+                exchange,
+                binding,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            channel,
+            _conn: conn,
+            name,
+        }
+    }
+
+    /// Deletes the queue: what was refused is accepted from then on.
+    pub async fn delete(self) {
+        self.channel
+            .queue_delete(&self.name, QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
