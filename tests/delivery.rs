@@ -18,6 +18,8 @@ for_both_sources! {
     sigterm_waits_for_confirmations_and_exits_zero => sigterm_exits_zero;
     unroutable_event_is_dead_lettered_and_holds_its_aggregate_while_others_flow => unroutable_event_holds_its_aggregate;
     a_queue_that_refuses_one_aggregate_delays_only_that_aggregate => refusing_queue_delays_only_its_aggregate;
+    a_poison_event_in_a_hot_aggregate_holds_what_follows_it_and_nothing_else => poison_in_a_hot_aggregate;
+    a_kafka_topic_missing_for_one_aggregate_type_dead_letters_only_that_type => topic_missing_for_one_type;
     oversized_kafka_message_is_dead_lettered_and_skip_mode_lets_its_aggregate_flow => oversized_message_skip_mode;
     debezium_style_table_is_relayed_through_mapped_columns => debezium_table;
 }
@@ -512,6 +514,161 @@ async fn refusing_queue_delays_only_its_aggregate(mode: Mode) {
         .await;
     tally(&refused, &got).assert_complete_and_ordered();
     assert!(dead_letters(&s.db).await.is_empty());
+}
+
+/// A hot aggregate H (300 events, so batches carry long runs of it) with an oversized event
+/// at n = 150, committed in one transaction among 20 other aggregates: everything before the
+/// poison and every other aggregate arrives in order; the poison is dead-lettered and holds H;
+/// nothing behind it ever reaches the broker (a local refusal fails the rest of H's run in that
+/// send before it is produced).
+async fn poison_in_a_hot_aggregate(mode: Mode) {
+    const POISON: u64 = 150;
+    let s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[delivery]\nmax_attempts = 2\nbackoff_initial = \"50ms\"\n\
+         [kafka.properties]\n\"message.max.bytes\" = \"20000\"\n",
+    )
+    .await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut client = s.db.client().await;
+    let tx = client.transaction().await.unwrap();
+    let (mut want, mut behind) = (vec![], vec![]);
+    for n in 0..300u64 {
+        let pad = if n == POISON { 50_000 } else { 10 };
+        let h = insert_in(&tx, "H", n, pad).await;
+        match n {
+            POISON => {}
+            n if n < POISON => want.push(h),
+            _ => behind.push(h),
+        }
+        if n % 20 == 0 {
+            for o in 0..20 {
+                want.push(insert_in(&tx, &format!("O{o}"), n / 20, 10).await);
+            }
+        }
+    }
+    tx.commit().await.unwrap();
+    let relay = s.start_relay();
+    let got = reader.read_until(&want, READ_TIMEOUT).await;
+    tally(&want, &got).assert_complete_and_ordered();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await,
+        "poison never dead-lettered:\n{}",
+        relay.logs()
+    );
+    let late = reader.read_for(Duration::from_secs(3)).await;
+    let behind_ids: std::collections::HashSet<&str> =
+        behind.iter().map(|w| w.id.as_str()).collect();
+    let leaked = late.iter().filter(|r| behind_ids.contains(r.id())).count();
+    assert_eq!(leaked, 0, "events behind the poison reached the broker");
+    let dl = dead_letters(&s.db).await;
+    assert_eq!((dl[0].0.as_str(), dl[0].3), ("H", true), "{dl:?}");
+    assert!(dl[0].2.to_lowercase().contains("too large"), "{}", dl[0].2);
+    match mode {
+        Mode::Poll => {
+            assert_eq!(dl.len(), 1, "{dl:?}");
+            assert_eq!(pending_count(&s.db).await, behind.len() as i64);
+        }
+        Mode::Wal => {
+            assert!(
+                eventually(Duration::from_secs(10), || async {
+                    dead_letters(&s.db).await.len() == 1 + behind.len()
+                })
+                .await,
+                "held events not parked behind the poison: {}",
+                dead_letters(&s.db).await.len()
+            );
+        }
+    }
+}
+
+/// Topics are not created by the relay here, and only `wallet`'s exists: `ghost` events are
+/// dead-lettered with the fix in the message (and hold their aggregate), while `wallet`
+/// events written at a steady rate all arrive without waiting for them.
+async fn topic_missing_for_one_type(mode: Mode) {
+    let mut s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[delivery]\nmax_attempts = 3\nbackoff_initial = \"200ms\"\nbackoff_max = \"5s\"\n",
+    )
+    .await;
+    s.extra_toml.push_str(&format!(
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = false\n",
+        s.destination
+    ));
+    crate::support::kafka::create_topic(&s.topic("wallet"), 3).await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let mut ghost = vec![];
+    for n in 0..3 {
+        ghost.push(insert_as(&s.db, "ghost", "G", "Happened", n, 0).await);
+    }
+    let url = s.db.url.clone();
+    let want = write_events_paced(&url, "wallet", 20, 10, 2, Some(Duration::from_millis(5))).await;
+    let written_at = Instant::now();
+    let got = reader.read_until(&want, READ_TIMEOUT).await;
+    let lag = written_at.elapsed();
+    tally(&want, &got).assert_complete_and_ordered();
+    assert!(
+        lag < Duration::from_secs(2),
+        "wallet events waited {lag:?} behind the missing topic"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await,
+        "ghost event never dead-lettered:\n{}",
+        relay.logs()
+    );
+    let dl = dead_letters(&s.db).await;
+    assert_eq!((dl[0].0.as_str(), dl[0].3), ("G", true), "{dl:?}");
+    let topic = s.topic("ghost");
+    assert!(
+        dl[0].2.contains(&format!("topic `{topic}` does not exist"))
+            && dl[0].2.contains("kafka.create_topics = true"),
+        "{}",
+        dl[0].2
+    );
+    match mode {
+        Mode::Poll => assert_eq!(pending_count(&s.db).await, 2),
+        Mode::Wal => assert!(
+            eventually(Duration::from_secs(10), || async {
+                dead_letters(&s.db).await.len() == 3
+            })
+            .await,
+            "{:?}",
+            dead_letters(&s.db).await
+        ),
+    }
+}
+
+async fn insert_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    aggregate_id: &str,
+    n: u64,
+    payload_pad: usize,
+) -> Written {
+    let id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({"n": n, "pad": "x".repeat(payload_pad)});
+    tx.execute(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ($1, 'wallet', $2, 'Happened', $3)",
+        &[&id, &aggregate_id, &payload],
+    )
+    .await
+    .unwrap();
+    Written {
+        id: id.to_string(),
+        aggregate_id: aggregate_id.into(),
+        n,
+    }
 }
 
 async fn oversized_message_skip_mode(mode: Mode) {

@@ -446,21 +446,7 @@ async fn replay_to_another_kafka_topic_and_by_time_range() {
 
     // The other topic must exist: create it.
     let other = format!("{}.replayed", s.destination);
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-            rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", KAFKA_BROKERS)
-                .create()
-                .unwrap();
-        admin
-            .create_topics(
-                [&NewTopic::new(&other, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap();
-    }
+    crate::support::kafka::create_topic(&other, 1).await;
     let since = {
         let t = std::time::UNIX_EPOCH + Duration::from_millis(mark as u64);
         humantime::format_rfc3339_millis(t).to_string()
