@@ -26,6 +26,8 @@ use crate::error::PublishError;
 use crate::event::OutboxEvent;
 
 static PROVIDER: OnceLock<(SdkTracerProvider, SdkTracer)> = OnceLock::new();
+/// Spans go to an exporter: only then are their name and attributes worth building.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -74,6 +76,7 @@ pub fn init_tracing() -> Result<(), String> {
                 format!("cannot set up the OTLP exporter: {e}; check OTEL_EXPORTER_OTLP_ENDPOINT")
             })?;
         builder = builder.with_batch_exporter(exporter);
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let provider = builder.build();
     let tracer = provider.tracer("outbox-relay");
@@ -130,6 +133,15 @@ pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishS
         }
     }
     let parent = propagator.extract_with_context(&Context::new(), &carrier);
+    let tracer = tracer();
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        // Nobody will see the span: only its ids matter (they go on the message).
+        let span = tracer
+            .span_builder("publish")
+            .with_kind(SpanKind::Producer)
+            .start_with_context(tracer, &parent);
+        return PublishSpan::started(span, &parent, &propagator, to, event);
+    }
     let mut attributes = vec![
         KeyValue::new("messaging.system", to.system),
         KeyValue::new("messaging.operation.type", "publish"),
@@ -151,28 +163,37 @@ pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishS
             event.aggregate_id.clone(),
         )),
     }
-    let tracer = tracer();
     let span = tracer
         .span_builder(format!("publish {}", to.name))
         .with_kind(SpanKind::Producer)
         .with_attributes(attributes)
         .start_with_context(tracer, &parent);
-    let span_context = span.span_context().clone();
-    let cx = parent.with_remote_span_context(span_context.clone());
-    let mut out: HashMap<String, String> = HashMap::new();
-    propagator.inject_context(&cx, &mut out);
-    PublishSpan {
-        trace_id: span_context.trace_id().to_string(),
-        traceparent: out.remove("traceparent"),
-        tracestate: out.remove("tracestate").filter(|s| !s.is_empty()),
-        span,
-        system: to.system,
-        destination: to.name.to_string(),
-        created_at_ms: event.created_at_ms,
-    }
+    PublishSpan::started(span, &parent, &propagator, to, event)
 }
 
 impl PublishSpan {
+    fn started(
+        span: opentelemetry_sdk::trace::Span,
+        parent: &Context,
+        propagator: &TraceContextPropagator,
+        to: &Destination<'_>,
+        event: &OutboxEvent,
+    ) -> Self {
+        let span_context = span.span_context().clone();
+        let cx = parent.with_remote_span_context(span_context.clone());
+        let mut out: HashMap<String, String> = HashMap::new();
+        propagator.inject_context(&cx, &mut out);
+        Self {
+            trace_id: span_context.trace_id().to_string(),
+            traceparent: out.remove("traceparent"),
+            tracestate: out.remove("tracestate").filter(|s| !s.is_empty()),
+            span,
+            system: to.system,
+            destination: to.name.to_string(),
+            created_at_ms: event.created_at_ms,
+        }
+    }
+
     /// Ends the span with the broker's answer and counts it in the metrics.
     pub fn end(mut self, result: &Result<(), PublishError>) {
         crate::metrics::record_publish(self.system, &self.destination, self.created_at_ms, result);
