@@ -5,6 +5,7 @@
 --   psql -v relay_role=outbox_relay -v relay_password=... -v outbox=outbox \
 --        -v dead_letters=outbox_dead_letters -v replays=outbox_replays \
 --        -v replay_items=outbox_replay_items -v progress=outbox_relay_progress \
+--        -v attempts=outbox_relay_attempts \
 --        -f docs/least-privilege.sql
 --
 -- REPLICATION is needed in wal mode only (the slot and the stream); poll mode works without it.
@@ -23,6 +24,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON :"dead_letters" TO :"relay_role";
 
 -- Wal: where log tailing got to, to repair a lost slot from the table.
 GRANT SELECT, INSERT, UPDATE ON :"progress" TO :"relay_role";
+
+-- Wal: publish attempts of failing events, so a restart does not start them again.
+GRANT SELECT, INSERT, UPDATE, DELETE ON :"attempts" TO :"relay_role";
 
 -- Operator commands only (`replay` progress; `dead-letters retry` in poll mode re-inserts rows).
 GRANT INSERT ON :"outbox" TO :"relay_role";

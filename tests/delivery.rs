@@ -20,6 +20,7 @@ for_both_sources! {
     a_queue_that_refuses_one_aggregate_delays_only_that_aggregate => refusing_queue_delays_only_its_aggregate;
     a_poison_event_in_a_hot_aggregate_holds_what_follows_it_and_nothing_else => poison_in_a_hot_aggregate;
     a_kafka_topic_missing_for_one_aggregate_type_dead_letters_only_that_type => topic_missing_for_one_type;
+    failed_attempts_are_counted_across_a_relay_restart => attempts_survive_a_restart;
     oversized_kafka_message_is_dead_lettered_and_skip_mode_lets_its_aggregate_flow => oversized_message_skip_mode;
     debezium_style_table_is_relayed_through_mapped_columns => debezium_table;
 }
@@ -646,6 +647,76 @@ async fn topic_missing_for_one_type(mode: Mode) {
             "{:?}",
             dead_letters(&s.db).await
         ),
+    }
+}
+
+/// An event the broker refuses for good (its routing key matches no binding) gets
+/// `max_attempts` attempts in all, not a fresh set after a SIGKILL. Every attempt but the
+/// last logs "broker refused event", so the two relays' logs count them.
+async fn attempts_survive_a_restart(mode: Mode) {
+    const MAX_ATTEMPTS: usize = 5;
+    let s = Scenario::of(
+        mode,
+        Broker::Rabbitmq,
+        &format!(
+            "[delivery]\nmax_attempts = {MAX_ATTEMPTS}\nbackoff_initial = \"1s\"\nbackoff_max = \"1s\"\n"
+        ),
+    )
+    .await;
+    s.migrate();
+    let _reader = s.amqp_reader("wallet.Happened").await;
+    let mut first = s.start_relay();
+    insert(&s.db, "R", "Unroutable", 0, 0).await;
+    let attempts_sql = match mode {
+        Mode::Poll => "SELECT coalesce(max(relay_attempts), 0)::bigint FROM outbox",
+        Mode::Wal => "SELECT coalesce(max(attempts), 0)::bigint FROM outbox_relay_attempts",
+    };
+    let client = s.db.client().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client
+                .query_one(attempts_sql, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                >= 2
+        })
+        .await,
+        "two attempts never recorded:\n{}",
+        first.logs()
+    );
+    // The next attempt is a second away: the kill lands between attempts.
+    first.kill();
+    let second = s.start_relay();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await,
+        "never dead-lettered:\n{}",
+        second.logs()
+    );
+    let refusals = |logs: String| logs.matches("broker refused event").count();
+    let attempts = refusals(first.logs()) + refusals(second.logs()) + 1;
+    assert_eq!(
+        attempts,
+        MAX_ATTEMPTS,
+        "attempts in all, across the restart (a fresh count would make {})",
+        2 + MAX_ATTEMPTS
+    );
+    let recorded: i32 = client
+        .query_one("SELECT attempts FROM outbox_dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded as usize, MAX_ATTEMPTS);
+    if mode == Mode::Wal {
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM outbox_relay_attempts", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the attempts row outlived its dead letter");
     }
 }
 

@@ -159,6 +159,7 @@ async fn least_privileged_role_runs_the_relay(mode: Mode) {
             "replay_items=outbox_replay_items",
         ])
         .args(["-v", "progress=outbox_relay_progress"])
+        .args(["-v", "attempts=outbox_relay_attempts"])
         .args(["-f", sql])
         .status()
         .unwrap();

@@ -33,7 +33,7 @@ pub struct Progress {
 }
 
 /// The migrations of `migrations/`, applied in order; each is idempotent.
-const MIGRATIONS: [(&str, &str); 7] = [
+const MIGRATIONS: [(&str, &str); 9] = [
     (
         "0001_outbox",
         include_str!("../../migrations/0001_outbox.sql"),
@@ -62,10 +62,18 @@ const MIGRATIONS: [(&str, &str); 7] = [
         "0007_dead_letter_payload_bytea",
         include_str!("../../migrations/0007_dead_letter_payload_bytea.sql"),
     ),
+    (
+        "0008_poll_autovacuum",
+        include_str!("../../migrations/0008_poll_autovacuum.sql"),
+    ),
+    (
+        "0009_wal_attempts",
+        include_str!("../../migrations/0009_wal_attempts.sql"),
+    ),
 ];
 
 /// Migrations only the polling publisher needs; wal mode leaves an existing table untouched.
-const POLL_ONLY: [&str; 2] = ["0002_bookkeeping", "0004_notify"];
+const POLL_ONLY: [&str; 3] = ["0002_bookkeeping", "0004_notify", "0008_poll_autovacuum"];
 
 /// First key of the two-key advisory locks the relay takes (ASCII "obxr").
 pub(crate) const LOCK_CLASS: i32 = 0x6f62_7872;
@@ -178,6 +186,9 @@ pub struct Outbox {
     confirm_sql: String,
     delete_sql: String,
     fail_sql: String,
+    wal_fail_sql: String,
+    wal_clear_attempts_sql: String,
+    wal_stale_attempts_sql: String,
     past_retention: Option<String>,
     cleanup_sql: Option<String>,
     dead_letter_sql: String,
@@ -242,6 +253,10 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
         (
             "{{wal_progress}}",
             table.sibling("_relay_progress").to_string(),
+        ),
+        (
+            "{{wal_attempts}}",
+            table.sibling("_relay_attempts").to_string(),
         ),
         ("{{replay_items}}", replay_items.to_string()),
         ("{{id}}", quote(&c.id)),
@@ -522,6 +537,7 @@ impl Outbox {
             )
         });
         let progress = table.sibling("_relay_progress");
+        let attempts = table.sibling("_relay_attempts");
         let fetch_sql = format!(
             "SELECT o.relay_seq, o.{id}::text, o.{at}::text, o.{ai}::text, o.{et}::text, {payload}, \
                     {headers}, {tp}, {ts}, {created_at} \
@@ -567,6 +583,16 @@ impl Outbox {
             fail_sql: format!(
                 "UPDATE {table} SET relay_attempts = relay_attempts + 1, relay_last_error = $2 \
                  WHERE relay_seq = $1 RETURNING relay_attempts"
+            ),
+            wal_fail_sql: format!(
+                "INSERT INTO {attempts} AS a (event_id, attempts, last_error) VALUES ($1, 1, $2) \
+                 ON CONFLICT (event_id) DO UPDATE SET attempts = a.attempts + 1, \
+                     last_error = EXCLUDED.last_error, updated_at = now() \
+                 RETURNING attempts"
+            ),
+            wal_clear_attempts_sql: format!("DELETE FROM {attempts} WHERE event_id = ANY($1)"),
+            wal_stale_attempts_sql: format!(
+                "DELETE FROM {attempts} WHERE updated_at < now() - interval '1 day'"
             ),
             cleanup_sql: past_retention.as_ref().map(|past| {
                 let key = if bookkeeping { "relay_seq" } else { "ctid" };
@@ -721,6 +747,41 @@ impl Outbox {
             .await
             .map_err(|e| Error::pg("cannot record a publish failure", e))?;
         Ok(row.map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    /// Wal mode: counts one more failed attempt of `event_id` (kept across restarts).
+    pub async fn record_wal_failure(
+        &self,
+        client: &Client,
+        event_id: &str,
+        error: &str,
+    ) -> Result<i32, tokio_postgres::Error> {
+        let row = client
+            .query_one(&self.wal_fail_sql, &[&event_id, &error])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Wal mode: forgets the attempts of events that were published or dead-lettered, and of
+    /// events nobody tried for a day (left by an instance that died).
+    pub async fn clear_wal_attempts(
+        &self,
+        client: &Client,
+        event_ids: &[&str],
+    ) -> Result<(), Error> {
+        let result = if event_ids.is_empty() {
+            client.execute(&self.wal_stale_attempts_sql, &[]).await
+        } else {
+            client
+                .execute(&self.wal_clear_attempts_sql, &[&event_ids])
+                .await
+        };
+        match result {
+            Ok(_) => Ok(()),
+            // Not migrated yet: nothing was recorded there.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(()),
+            Err(e) => Err(Error::pg("cannot clear recorded publish attempts", e)),
+        }
     }
 
     /// Moves the event to the dead-letter table, in one statement.

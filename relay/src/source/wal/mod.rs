@@ -383,6 +383,9 @@ pub struct WalSource {
     /// Of `handed`, those in flight now (handed out and not yet released).
     out: HashSet<i64>,
     attempts: HashMap<i64, u32>,
+    /// Attempts are counted in `<table>_relay_attempts` (so they survive a restart); false
+    /// when that table is missing (not migrated yet): then only in memory.
+    attempts_table: bool,
     held: HashSet<(String, String)>,
     held_loaded: Instant,
     next_seq: i64,
@@ -746,21 +749,27 @@ impl WalSource {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
             self.held_loaded = Instant::now();
         }
-        let retention = self.config.poll.retention;
-        if !retention.is_zero() && self.last_cleanup.elapsed() >= self.config.poll.cleanup_interval
-        {
+        if self.last_cleanup.elapsed() >= self.config.poll.cleanup_interval {
             self.last_cleanup = Instant::now();
-            // Rows a repair of a lost slot might still need (created after the last confirmed
-            // commit minus the margin) are kept, whatever the retention.
-            let needed_for_repair = Duration::from_millis(
-                (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
-            ) + self.config.wal.repair_margin;
-            let deleted = self
-                .outbox
-                .cleanup(&self.conn.client, retention.max(needed_for_repair))
-                .await?;
-            if deleted > 0 {
-                info!(deleted, ?retention, "deleted outbox rows past retention");
+            if self.attempts_table {
+                self.outbox
+                    .clear_wal_attempts(&self.conn.client, &[])
+                    .await?;
+            }
+            let retention = self.config.poll.retention;
+            if !retention.is_zero() {
+                // Rows a repair of a lost slot might still need (created after the last
+                // confirmed commit minus the margin) are kept, whatever the retention.
+                let needed_for_repair = Duration::from_millis(
+                    (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
+                ) + self.config.wal.repair_margin;
+                let deleted = self
+                    .outbox
+                    .cleanup(&self.conn.client, retention.max(needed_for_repair))
+                    .await?;
+                if deleted > 0 {
+                    info!(deleted, ?retention, "deleted outbox rows past retention");
+                }
             }
         }
         Ok(())
@@ -786,6 +795,7 @@ impl Source for WalSource {
             handed: BTreeMap::new(),
             out: HashSet::new(),
             attempts: HashMap::new(),
+            attempts_table: true,
             held,
             held_loaded: Instant::now(),
             next_seq: 1,
@@ -1066,8 +1076,17 @@ impl Source for WalSource {
     }
 
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
+        let mut retried: Vec<&str> = Vec::new();
         for e in events {
+            if self.attempts.contains_key(&e.seq) {
+                retried.push(&e.id);
+            }
             self.settle(e.seq);
+        }
+        if !retried.is_empty() && self.attempts_table {
+            self.outbox
+                .clear_wal_attempts(&self.conn.client, &retried)
+                .await?;
         }
         Ok(())
     }
@@ -1081,6 +1100,23 @@ impl Source for WalSource {
     async fn record_failure(&mut self, event: &OutboxEvent, error: &str) -> Result<u32, Error> {
         let n = self.attempts.entry(event.seq).or_insert(0);
         *n += 1;
+        if self.attempts_table {
+            match self
+                .outbox
+                .record_wal_failure(&self.conn.client, &event.id, error)
+                .await
+            {
+                Ok(counted) => *n = counted.max(1) as u32,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    warn!(
+                        "publish attempts are counted in memory only (a restart starts them \
+                         again): the attempts table is missing; run `outbox-relay migrate`"
+                    );
+                    self.attempts_table = false;
+                }
+                Err(e) => return Err(Error::pg("cannot record a publish failure", e)),
+            }
+        }
         debug!(event_id = %event.id, attempts = *n, error, "publish refused");
         Ok(*n)
     }
@@ -1095,6 +1131,11 @@ impl Source for WalSource {
         self.outbox
             .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
             .await?;
+        if self.attempts.contains_key(&event.seq) && self.attempts_table {
+            self.outbox
+                .clear_wal_attempts(&self.conn.client, &[&event.id])
+                .await?;
+        }
         if hold {
             self.held
                 .insert((event.aggregate_type.clone(), event.aggregate_id.clone()));
