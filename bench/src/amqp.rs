@@ -32,8 +32,8 @@ pub async fn connect(url: &str) -> Result<(Connection, Channel)> {
     Ok((conn, ch))
 }
 
-/// The durable topic exchange and a durable queue bound to it with `#`.
-pub async fn declare(url: &str, exchange: &str, queue: &str) -> Result<()> {
+/// The durable topic exchange and a durable queue bound to it with `binding` (`#`: everything).
+pub async fn declare(url: &str, exchange: &str, queue: &str, binding: &str) -> Result<()> {
     let (conn, ch) = connect(url).await?;
     ch.exchange_declare(
         exchange,
@@ -57,13 +57,60 @@ pub async fn declare(url: &str, exchange: &str, queue: &str) -> Result<()> {
     ch.queue_bind(
         queue,
         exchange,
-        "#",
+        binding,
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
     let _ = conn.close(200, "bye").await;
     Ok(())
+}
+
+/// A durable queue that takes nothing (`x-max-length = 0`, `x-overflow = reject-publish`),
+/// bound to the existing `exchange` with `binding`: RabbitMQ nacks every publish routed to it,
+/// a transient failure for the relay, for as long as the queue exists.
+/// <https://www.rabbitmq.com/docs/maxlength#overflow-behaviour>
+pub async fn declare_refusing_queue(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    binding: &str,
+) -> Result<()> {
+    let (conn, ch) = connect(url).await?;
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(0));
+    args.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        queue,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .with_context(|| format!("cannot declare the refusing queue {queue}"))?;
+    ch.queue_bind(
+        queue,
+        exchange,
+        binding,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let _ = conn.close(200, "bye").await;
+    Ok(())
+}
+
+/// Best effort clean-up of one queue.
+pub async fn delete_queue(url: &str, queue: &str) {
+    if let Ok((conn, ch)) = connect(url).await {
+        let _ = ch.queue_delete(queue, QueueDeleteOptions::default()).await;
+        let _ = conn.close(200, "bye").await;
+    }
 }
 
 /// Best effort clean-up.

@@ -11,13 +11,18 @@
 //! 3. Latency: writers at fixed offered rates; commit-to-consumer from per-event timestamps,
 //!    commit-to-ack from the relay's own histogram.
 //! 4. Footprint: the relay's peak RSS and CPU seconds, from `/proc`.
-//! 5. Report: `report.md`, `report.json`, `latency.svg`.
+//! 5. Failure isolation (issue 11, [`faults`]): healthy latency with and without one aggregate
+//!    whose every publish fails (RabbitMQ: nacked, transient; Kafka: topic missing, permanent).
+//! 6. Duplicates per SIGKILL ([`faults`]): the relay killed and restarted under paced writers;
+//!    missing events, duplicates per kill against the in-flight window, order.
+//! 7. Report: `report.md`, `report.json`, `latency.svg`.
 //!
 //! Everything runs on one machine next to Postgres and the broker, so the harness's own writers
 //! and consumers compete with the relay for the same cores; the ceilings are measured the same
 //! way, so the ratios stay comparable.
 
 mod amqp;
+mod faults;
 mod kafka;
 mod pg;
 mod relay;
@@ -39,7 +44,7 @@ use uuid::Uuid;
 use pg::BenchDb;
 pub use pg::now_us;
 use relay::Setup;
-use report::{AckQuantiles, Ceilings, Drain, Latency, Report, Settings, WalCeiling};
+use report::{AckQuantiles, Ceilings, Drain, Latency, Measured, Report, Settings, WalCeiling};
 use stats::{Buckets, Percentiles};
 use workload::{OrderCheck, Workload};
 
@@ -55,8 +60,9 @@ const ATTEMPTS: u32 = 3;
 )]
 struct Args {
     /// Short variant for CI: 20,000-event backlogs (2,000 for `1` and `10`), workloads
-    /// spread,1,zipf, 10 s per drain at most, 5 s latency runs; reports to
-    /// bench/results/quick unless --out is given. No timing assertions either way.
+    /// spread,1,zipf, 10 s per drain at most, 5 s latency runs, 4 s failure-isolation runs,
+    /// 5 s SIGKILL runs; reports to bench/results/quick unless --out is given. No timing
+    /// assertions either way.
     #[arg(long)]
     quick: bool,
     /// The relay binary under test (a release build).
@@ -100,6 +106,37 @@ struct Args {
     /// Measure ceilings and drains only (no latency runs).
     #[arg(long)]
     no_latency: bool,
+    /// Skip the failure-isolation runs (healthy latency with and without one failing aggregate).
+    #[arg(long)]
+    no_isolation: bool,
+    /// Healthy offered rate of the failure-isolation runs, events/s.
+    #[arg(long, default_value_t = 800)]
+    isolation_rate: u64,
+    /// Healthy aggregates of the failure-isolation runs.
+    #[arg(long, default_value_t = 200)]
+    isolation_aggregates: u64,
+    /// Offered rate of the one failing aggregate, events/s.
+    #[arg(long, default_value_t = 20)]
+    isolation_failing_rate: u64,
+    /// Seconds of each failure-isolation measurement (baseline, with failure) [default: 30,
+    /// quick: 4].
+    #[arg(long)]
+    isolation_secs: Option<u64>,
+    /// Skip the SIGKILL runs (duplicates per kill).
+    #[arg(long)]
+    no_kills: bool,
+    /// SIGKILLs of the relay per SIGKILL run, at even intervals while the writers run.
+    #[arg(long, default_value_t = 3)]
+    kills: usize,
+    /// Offered rate of the SIGKILL runs, events/s.
+    #[arg(long, default_value_t = 2_000)]
+    kill_rate: u64,
+    /// Aggregates of the SIGKILL runs.
+    #[arg(long, default_value_t = 1_000)]
+    kill_aggregates: u64,
+    /// Seconds of writing in each SIGKILL run [default: 15, quick: 5].
+    #[arg(long)]
+    kill_secs: Option<u64>,
     /// Only these source→sink combinations: poll-kafka, poll-rabbitmq, wal-kafka, wal-rabbitmq.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -227,7 +264,13 @@ impl Ctx {
         match setup.combo.sink {
             SinkKind::Kafka => kafka::create_topic(&self.args.kafka_brokers, &setup.topic()).await,
             SinkKind::Rabbitmq => {
-                amqp::declare(&self.args.amqp_url, &setup.destination, &setup.destination).await
+                amqp::declare(
+                    &self.args.amqp_url,
+                    &setup.destination,
+                    &setup.destination,
+                    "#",
+                )
+                .await
             }
         }
     }
@@ -422,7 +465,7 @@ async fn ceilings(ctx: &mut Ctx, combos: &[Combo]) -> Result<Ceilings> {
             s.events
         ));
         let exchange = format!("bench_{}_publisher", ctx.run_id);
-        amqp::declare(&a.amqp_url, &exchange, &exchange).await?;
+        amqp::declare(&a.amqp_url, &exchange, &exchange, "#").await?;
         let t = amqp::publisher_ceiling(&a.amqp_url, &exchange, s.events, s.aggregates).await;
         amqp::delete(&a.amqp_url, &exchange, &exchange).await;
         c.rabbitmq_publisher_msgs_per_sec = s.events as f64 / t?.as_secs_f64();
@@ -703,22 +746,73 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
     relay
         .wait_for_log("relay started", Duration::from_secs(30))
         .await?;
-    let metrics_addr = relay.metrics_addr().await;
-    if metrics_addr.is_none() {
-        ctx.notes.push(format!(
-            "{}: the relay logged no `serving /metrics` line, so commit-to-ack is not reported",
-            combo.title()
-        ));
-    }
-    let system = format!("system=\"{}\"", combo.sink.as_str());
+    let metrics_addr = ctx.metrics_addr(&mut relay, combo).await;
     let mut written = 0u64;
+    ctx.warm_up(db, setup, &relay, s.aggregates, &mut written)
+        .await?;
     let mut out = Vec::new();
+    for &rate in &s.rates {
+        ctx.log(format!(
+            "latency {}: {rate} events/s for {} s",
+            combo.title(),
+            s.latency_secs
+        ));
+        let paced = PacedRun {
+            rate,
+            secs: s.latency_secs,
+            aggregates: s.aggregates,
+        };
+        out.push(
+            ctx.paced_run(
+                db,
+                setup,
+                &relay,
+                metrics_addr.as_deref(),
+                paced,
+                &mut written,
+            )
+            .await?,
+        );
+    }
+    relay.stop();
+    Ok(out)
+}
 
-    // Warm-up: producer ids, topic metadata, connections, plans; not measured.
-    {
+/// One paced measurement of [`Ctx::paced_run`].
+#[derive(Debug, Clone, Copy)]
+struct PacedRun {
+    /// Offered events/s.
+    rate: u64,
+    secs: u64,
+    aggregates: u64,
+}
+
+impl Ctx {
+    /// The relay's `/metrics` address, or a note that commit-to-ack cannot be reported.
+    async fn metrics_addr(&mut self, relay: &mut relay::Relay, combo: Combo) -> Option<String> {
+        let addr = relay.metrics_addr().await;
+        if addr.is_none() {
+            self.notes.push(format!(
+                "{}: the relay logged no `serving /metrics` line, so commit-to-ack is not reported",
+                combo.title()
+            ));
+        }
+        addr
+    }
+
+    /// 200 events through a started relay, not measured: producer ids, topic metadata,
+    /// connections, plans.
+    async fn warm_up(
+        &self,
+        db: &BenchDb,
+        setup: &Setup,
+        relay: &relay::Relay,
+        aggregates: u64,
+        written: &mut u64,
+    ) -> Result<()> {
         let since = now_us();
         let stop = Arc::new(AtomicBool::new(false));
-        let consumer = ctx
+        let consumer = self
             .consumer(
                 setup,
                 Arc::new(AtomicUsize::new(200)),
@@ -731,30 +825,41 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
             &db.url,
             200,
             Duration::from_secs(1),
-            s.aggregates,
-            s.writers,
-            written,
+            aggregates,
+            self.settings.writers,
+            *written,
         )
         .await?;
-        written += paced.committed.len() as u64;
+        *written += paced.committed.len() as u64;
         let seen = consumer.join().await?;
         if seen.len() < 200 {
             bail!(
-                "latency {}: warm-up events did not arrive ({} of 200); relay log: {}",
-                combo.title(),
+                "{}: warm-up events did not arrive ({} of 200); relay log: {}",
+                setup.combo.title(),
                 seen.len(),
                 relay.log.display()
             );
         }
+        Ok(())
     }
 
-    for &rate in &s.rates {
-        ctx.log(format!(
-            "latency {}: {rate} events/s for {} s",
-            combo.title(),
-            s.latency_secs
-        ));
-        let before = match &metrics_addr {
+    /// Paced writers at `run.rate` for `run.secs` on a running relay and a consumer that reads
+    /// until every committed event arrived: commit→consumer per event, commit→ack from the
+    /// relay's histogram between a scrape before and one after. `written` numbers the events,
+    /// so each aggregate's sequence continues from the previous run.
+    async fn paced_run(
+        &self,
+        db: &BenchDb,
+        setup: &Setup,
+        relay: &relay::Relay,
+        metrics_addr: Option<&str>,
+        run: PacedRun,
+        written: &mut u64,
+    ) -> Result<Latency> {
+        let s = &self.settings;
+        let combo = setup.combo;
+        let system = format!("system=\"{}\"", combo.sink.as_str());
+        let before = match metrics_addr {
             Some(addr) => relay::scrape(addr).await.ok(),
             None => None,
         };
@@ -763,17 +868,17 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
         let target = Arc::new(AtomicUsize::new(usize::MAX));
         let since = now_us();
         let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + Duration::from_secs(s.latency_secs + 30);
-        let consumer = ctx
+        let deadline = Instant::now() + Duration::from_secs(run.secs + 30);
+        let consumer = self
             .consumer(setup, target.clone(), since, deadline, stop.clone())
             .await?;
         let paced = pg::paced_writers(
             &db.url,
-            rate,
-            Duration::from_secs(s.latency_secs),
-            s.aggregates,
+            run.rate,
+            Duration::from_secs(run.secs),
+            run.aggregates,
             s.writers,
-            written,
+            *written,
         )
         .await;
         let paced = match paced {
@@ -784,10 +889,10 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
                 return Err(e);
             }
         };
-        written += rate * s.latency_secs;
+        *written += run.rate * run.secs;
         target.store(paced.committed.len(), Ordering::Relaxed);
         let seen = consumer.join().await?;
-        let after = match &metrics_addr {
+        let after = match metrics_addr {
             Some(addr) => relay::scrape(addr).await.ok(),
             None => None,
         };
@@ -830,9 +935,9 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
             }
             _ => None,
         };
-        out.push(Latency {
+        Ok(Latency {
             combo: combo.title(),
-            offered_per_sec: rate,
+            offered_per_sec: run.rate,
             achieved_per_sec: paced.committed.len() as f64 / paced.elapsed.as_secs_f64(),
             writer_max_behind_ms: paced.max_behind.as_secs_f64() * 1000.0,
             committed: paced.committed.len(),
@@ -848,10 +953,8 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
             commit_to_ack: ack,
             peak_rss_mib: mib(footprint.peak_rss_kib),
             cpu_seconds: footprint.cpu_seconds - cpu_before,
-        });
+        })
     }
-    relay.stop();
-    Ok(out)
 }
 
 async fn run(args: Args) -> Result<Report> {
@@ -894,6 +997,14 @@ async fn run(args: Args) -> Result<Report> {
         rates: args.rates.clone(),
         latency_secs: args.latency_secs.unwrap_or(if quick { 5 } else { 60 }),
         commit_ceiling_secs: if quick { 3 } else { 10 },
+        isolation_rate: args.isolation_rate,
+        isolation_aggregates: args.isolation_aggregates,
+        isolation_failing_rate: args.isolation_failing_rate,
+        isolation_secs: args.isolation_secs.unwrap_or(if quick { 4 } else { 30 }),
+        kill_rate: args.kill_rate,
+        kill_aggregates: args.kill_aggregates,
+        kill_secs: args.kill_secs.unwrap_or(if quick { 5 } else { 15 }),
+        kills: args.kills,
         relay_env: args.relay_env.clone(),
         arguments: command_line(),
     };
@@ -902,6 +1013,22 @@ async fn run(args: Args) -> Result<Report> {
     }
     if settings.events < settings.aggregates || settings.aggregates == 0 || settings.writers == 0 {
         bail!("need events >= aggregates > 0 and writers > 0");
+    }
+    if settings.isolation_rate == 0
+        || settings.isolation_aggregates == 0
+        || settings.isolation_failing_rate == 0
+        || settings.isolation_secs == 0
+    {
+        bail!(
+            "--isolation-rate, --isolation-aggregates, --isolation-failing-rate and --isolation-secs must be > 0"
+        );
+    }
+    if settings.kill_rate == 0
+        || settings.kill_aggregates == 0
+        || settings.kill_secs == 0
+        || settings.kills == 0
+    {
+        bail!("--kill-rate, --kill-aggregates, --kill-secs and --kills must be > 0");
     }
     let combos: Vec<Combo> = Combo::ALL
         .into_iter()
@@ -937,26 +1064,20 @@ async fn run(args: Args) -> Result<Report> {
     if let Err(e) = pg::drop_run_databases(&ctx.args.pg_admin_url, &ctx.run_id).await {
         ctx.log(format!("cannot drop this run's databases: {e:#}"));
     }
-    let (ceilings, drains, latencies) = result?;
+    let m = result?;
     let mut machine = machine;
     machine.load_after = report::loadavg();
     Ok(Report::new(
         machine,
         ctx.settings,
-        ceilings,
-        drains,
-        latencies,
+        m,
         ctx.notes,
         started.elapsed().as_secs_f64(),
     ))
 }
 
 /// Every phase in order, each repeated when a shared service was restarted under it.
-async fn measure(
-    ctx: &mut Ctx,
-    combos: &[Combo],
-    workloads: &[Workload],
-) -> Result<(Ceilings, Vec<Drain>, Vec<Latency>)> {
+async fn measure(ctx: &mut Ctx, combos: &[Combo], workloads: &[Workload]) -> Result<Measured> {
     let mut ceilings = None;
     for attempt in 1..=ATTEMPTS {
         match self::ceilings(ctx, combos).await {
@@ -1020,7 +1141,71 @@ async fn measure(
             }
         }
     }
-    Ok((ceilings, drains, latencies))
+    let mut isolation = Vec::new();
+    let run_isolation = !ctx.args.no_isolation;
+    for &combo in combos.iter().filter(|_| run_isolation) {
+        for attempt in 1..=ATTEMPTS {
+            match faults::isolation(ctx, combo).await {
+                Ok(i) => {
+                    ctx.log(format!(
+                        "isolation {}: healthy p99 {:.1} ms baseline, {:.1} ms with a failing aggregate (limit {:.1} ms, {}); missing {} / {}; retrying aggregates max {}",
+                        i.combo,
+                        i.baseline.commit_to_consumer.p99_ms,
+                        i.with_failure.commit_to_consumer.p99_ms,
+                        i.limit_ms,
+                        if i.met { "met" } else { "NOT met" },
+                        i.baseline.missing,
+                        i.with_failure.missing,
+                        i.retrying_aggregates_max
+                            .map(|v| format!("{v:.0}"))
+                            .unwrap_or_else(|| "n/a".into())
+                    ));
+                    isolation.push(i);
+                    break;
+                }
+                Err(e) => {
+                    ctx.failed(&format!("isolation {}", combo.title()), attempt, e)
+                        .await?
+                }
+            }
+        }
+    }
+    let mut kills = Vec::new();
+    let run_kills = !ctx.args.no_kills;
+    for &combo in combos.iter().filter(|_| run_kills) {
+        for attempt in 1..=ATTEMPTS {
+            match faults::kills(ctx, combo).await {
+                Ok(r) => {
+                    ctx.log(format!(
+                        "kills {}: {} missing, {} duplicates ({} per kill; window {}), {} order violations",
+                        r.combo,
+                        r.missing,
+                        r.duplicates,
+                        r.duplicates_per_kill
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("/"),
+                        r.in_flight_window,
+                        r.order_violations
+                    ));
+                    kills.push(r);
+                    break;
+                }
+                Err(e) => {
+                    ctx.failed(&format!("kills {}", combo.title()), attempt, e)
+                        .await?
+                }
+            }
+        }
+    }
+    Ok(Measured {
+        ceilings,
+        drains,
+        latencies,
+        isolation,
+        kills,
+    })
 }
 
 #[tokio::main]

@@ -8,6 +8,8 @@
 //! aggregate, and `t_us`: `clock_timestamp()` in microseconds at insert time, set by the server
 //! inside the transaction.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -366,6 +368,42 @@ pub async fn paced_writers(
     }
     out.elapsed = start.elapsed();
     Ok(out)
+}
+
+/// Offers `rate` events/s of ONE aggregate (`<aggregate_type>-0`) of `aggregate_type` from one
+/// connection (one single-insert transaction each, as [`paced_writers`]) until `stop` is set;
+/// returns the events committed. The failing aggregate of the failure-isolation run: its own
+/// aggregate type gives it its own topic or routing key.
+pub async fn paced_aggregate_writer(
+    url: &str,
+    aggregate_type: &str,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<u64> {
+    let client = connect(url).await?;
+    let stmt = client
+        .prepare(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, traceparent) \
+             VALUES ($1, $2, $3, 'Happened', \
+                     $4::text::jsonb || jsonb_build_object('t_us', (extract(epoch from clock_timestamp()) * 1000000)::bigint), $5)",
+        )
+        .await?;
+    let agg = format!("{aggregate_type}-0");
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = tokio::time::Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
+        let body = payload(&agg, n, None);
+        client
+            .execute(
+                &stmt,
+                &[&Uuid::new_v4(), &aggregate_type, &agg, &body, &TRACEPARENT],
+            )
+            .await?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// pgoutput decoding of everything the slot holds, by the server alone: rows handed out by

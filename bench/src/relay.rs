@@ -88,7 +88,19 @@ impl Setup {
     }
 
     pub fn start(&self) -> Result<Relay> {
-        let log = self.dir.join(format!("{}.log", self.destination));
+        self.start_instance(0)
+    }
+
+    /// Starts the relay with a log of its own: instance 0 logs to `<destination>.log`, later
+    /// instances (restarts after a kill) to `<destination>.<n>.log`, so waiting for a start-up
+    /// line never finds the previous instance's.
+    pub fn start_instance(&self, instance: usize) -> Result<Relay> {
+        let log = if instance == 0 {
+            self.dir.join(format!("{}.log", self.destination))
+        } else {
+            self.dir
+                .join(format!("{}.{instance}.log", self.destination))
+        };
         let file = std::fs::File::create(&log)?;
         let child = self
             .command("run")?
@@ -172,6 +184,14 @@ impl Relay {
 
     pub fn footprint(&self) -> Footprint {
         footprint(self.pid())
+    }
+
+    /// SIGKILL, no chance to confirm anything: a crash. Returns once the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM (finish in-flight confirmations), then SIGKILL after 15 s.

@@ -42,6 +42,17 @@ pub struct Settings {
     pub rates: Vec<u64>,
     pub latency_secs: u64,
     pub commit_ceiling_secs: u64,
+    /// Failure isolation: healthy offered rate, its aggregates, the failing aggregate's rate,
+    /// seconds of each of the two measurements (0: not run).
+    pub isolation_rate: u64,
+    pub isolation_aggregates: u64,
+    pub isolation_failing_rate: u64,
+    pub isolation_secs: u64,
+    /// Duplicates per SIGKILL: offered rate, aggregates, seconds of writing, kills (0: not run).
+    pub kill_rate: u64,
+    pub kill_aggregates: u64,
+    pub kill_secs: u64,
+    pub kills: usize,
     /// The arguments of the run, as `scripts/bench` got them (without `--relay-bin`/`--out`).
     pub arguments: String,
     /// Relay settings changed from the defaults (`--relay-env`).
@@ -170,6 +181,89 @@ pub struct Latency {
     pub cpu_seconds: f64,
 }
 
+/// Failure isolation (issue 11): healthy latency with nothing failing, then with one extra
+/// aggregate whose every publish fails, on the same relay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Isolation {
+    pub combo: String,
+    /// How the failing aggregate fails.
+    pub failure: String,
+    /// `transient` (RabbitMQ nack) or `permanent` (Kafka topic missing).
+    pub failure_kind: String,
+    pub failing_aggregate_type: String,
+    pub failing_per_sec: u64,
+    /// Events of the failing aggregate committed while the failing run was measured (and the
+    /// second before it).
+    pub failing_written: u64,
+    /// Relay settings of this run (both measurements), before `--relay-env`.
+    pub relay_env: Vec<String>,
+    pub baseline: Latency,
+    pub with_failure: Latency,
+    /// `outbox_relay_publish_failures_total` during the failing run (all kinds).
+    pub publish_failures: Option<f64>,
+    /// `outbox_relay_dead_letters_total` during the failing run (should stay 0: the failing
+    /// aggregate keeps being retried).
+    pub dead_lettered: Option<f64>,
+    /// Highest `outbox_relay_retrying_aggregates` scraped during the failing run (every 250 ms).
+    pub retrying_aggregates_max: Option<f64>,
+    /// Scrapes during the failing run that saw the gauge above 0, of all scrapes.
+    pub retrying_scrapes: (usize, usize),
+    /// max(2 × baseline p99, baseline p99 + 100 ms), commit→consumer.
+    pub limit_ms: f64,
+    pub met: bool,
+    /// The same rule on the relay's commit→ack histogram (without the consumer's own tail,
+    /// which dominates commit→consumer on tansu); `None` without /metrics.
+    pub ack_limit_ms: Option<f64>,
+    pub ack_met: Option<bool>,
+}
+
+/// Duplicates per SIGKILL (issue 11): paced writers, the relay killed and restarted at once a
+/// few times, then drained.
+#[derive(Debug, Clone, Serialize)]
+pub struct KillRun {
+    pub combo: String,
+    pub offered_per_sec: u64,
+    pub achieved_per_sec: f64,
+    pub aggregates: u64,
+    pub seconds: u64,
+    pub kills: usize,
+    /// From each SIGKILL to the new instance's `relay started` line.
+    pub restart_seconds: Vec<f64>,
+    pub committed: usize,
+    /// Distinct events read.
+    pub received: usize,
+    /// Every message read, duplicates included.
+    pub deliveries: usize,
+    pub missing: usize,
+    pub duplicates: usize,
+    /// Deliveries of an already-read event, by the kill they followed (read after kill i and
+    /// before kill i + 1).
+    pub duplicates_per_kill: Vec<usize>,
+    /// Duplicates read before the first kill (expected 0).
+    pub duplicates_before_first_kill: usize,
+    pub max_duplicates_per_kill: usize,
+    pub mean_duplicates_per_kill: f64,
+    /// delivery.max_in_flight × poll.batch_size (the wal source reads batches of
+    /// poll.batch_size too): what can be sent and not yet confirmed when the relay dies.
+    pub in_flight_window: usize,
+    pub window_formula: String,
+    pub order_checked: usize,
+    pub order_violations: usize,
+    /// From the end of the writers until the consumer read the last new event.
+    pub drain_after_writers_seconds: f64,
+    pub window_met: bool,
+}
+
+/// What the run measured, phase by phase.
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub ceilings: Ceilings,
+    pub drains: Vec<Drain>,
+    pub latencies: Vec<Latency>,
+    pub isolation: Vec<Isolation>,
+    pub kills: Vec<KillRun>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetCheck {
     pub target: String,
@@ -184,6 +278,8 @@ pub struct Report {
     pub ceilings: Ceilings,
     pub drains: Vec<Drain>,
     pub latency: Vec<Latency>,
+    pub isolation: Vec<Isolation>,
+    pub kills: Vec<KillRun>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
     pub run_seconds: f64,
@@ -283,16 +379,37 @@ fn opt_ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into())
 }
 
+/// `p50 / p99 / p99.9 / max ≤` of the relay's commit→ack histogram, or `n/a`.
+fn ack_cell(l: &Latency) -> String {
+    l.commit_to_ack
+        .as_ref()
+        .map(|a| {
+            format!(
+                "{:.1} / {:.1} / {:.1} / {}",
+                a.p50_ms,
+                a.p99_ms,
+                a.p999_ms,
+                opt_ms(a.max_bucket_ms)
+            )
+        })
+        .unwrap_or_else(|| "n/a".into())
+}
+
 impl Report {
     pub fn new(
         machine: Machine,
         settings: Settings,
-        ceilings: Ceilings,
-        mut drains: Vec<Drain>,
-        latency: Vec<Latency>,
+        measured: Measured,
         notes: Vec<String>,
         run_seconds: f64,
     ) -> Self {
+        let Measured {
+            ceilings,
+            mut drains,
+            latencies: latency,
+            isolation,
+            kills,
+        } = measured;
         let spread: Vec<(String, f64)> = drains
             .iter()
             .filter(|d| d.workload == "spread")
@@ -433,12 +550,80 @@ impl Report {
                 met: (checked > 0).then_some(violations == 0),
             });
         }
+        // Failure isolation and duplicates per SIGKILL (issue 11).
+        for i in &isolation {
+            let (b, f) = (&i.baseline, &i.with_failure);
+            targets.push(TargetCheck {
+                target: format!(
+                    "{}: healthy p99 with a failing aggregate ({}) ≤ max(2 × baseline p99, baseline p99 + 100 ms)",
+                    i.combo, i.failure_kind
+                ),
+                measured: format!(
+                    "{:.1} ms (baseline {:.1} ms, limit {:.1} ms)",
+                    f.commit_to_consumer.p99_ms, b.commit_to_consumer.p99_ms, i.limit_ms
+                ),
+                met: Some(i.met),
+            });
+            targets.push(TargetCheck {
+                target: format!(
+                    "{}: the same on the relay's commit→ack p99 (informational)",
+                    i.combo
+                ),
+                measured: match (&b.commit_to_ack, &f.commit_to_ack, i.ack_limit_ms) {
+                    (Some(ba), Some(fa), Some(limit)) => format!(
+                        "{:.1} ms (baseline {:.1} ms, limit {limit:.1} ms)",
+                        fa.p99_ms, ba.p99_ms
+                    ),
+                    _ => "relay histogram n/a".into(),
+                },
+                met: i.ack_met,
+            });
+            targets.push(TargetCheck {
+                target: format!(
+                    "{}: no healthy event missing with a failing aggregate",
+                    i.combo
+                ),
+                measured: format!(
+                    "{} of {} missing (baseline {} of {})",
+                    f.missing, f.committed, b.missing, b.committed
+                ),
+                met: Some(f.missing == 0 && b.missing == 0),
+            });
+        }
+        for r in &kills {
+            targets.push(TargetCheck {
+                target: format!("{}: no event missing after {} SIGKILLs", r.combo, r.kills),
+                measured: format!("{} of {} missing", r.missing, r.committed),
+                met: Some(r.missing == 0),
+            });
+            targets.push(TargetCheck {
+                target: format!(
+                    "{}: duplicates per SIGKILL ≤ in-flight window ({} = {})",
+                    r.combo, r.window_formula, r.in_flight_window
+                ),
+                measured: format!(
+                    "max {}, mean {:.0} ({} duplicates in all)",
+                    r.max_duplicates_per_kill, r.mean_duplicates_per_kill, r.duplicates
+                ),
+                met: Some(r.window_met),
+            });
+            targets.push(TargetCheck {
+                target: format!("{}: per-aggregate order kept across SIGKILLs", r.combo),
+                measured: format!(
+                    "{} backward steps in {} first deliveries",
+                    r.order_violations, r.order_checked
+                ),
+                met: (r.order_checked > 0).then_some(r.order_violations == 0),
+            });
+        }
         Self {
             machine,
             settings,
             ceilings,
             drains,
             latency,
+            isolation,
+            kills,
             targets,
             notes,
             run_seconds,
@@ -727,19 +912,7 @@ impl Report {
         for l in &self.latency {
             let p = &l.commit_to_consumer;
             let i = &l.insert_to_consumer;
-            let ack = l
-                .commit_to_ack
-                .as_ref()
-                .map(|a| {
-                    format!(
-                        "{:.1} / {:.1} / {:.1} / {}",
-                        a.p50_ms,
-                        a.p99_ms,
-                        a.p999_ms,
-                        opt_ms(a.max_bucket_ms)
-                    )
-                })
-                .unwrap_or_else(|| "n/a".into());
+            let ack = ack_cell(l);
             let _ = writeln!(
                 o,
                 "| {} | {} | {:.0} | {:.1} / **{:.1}** / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} | {} | {:.1} | {:.1} MiB |",
@@ -761,7 +934,14 @@ impl Report {
         }
         let _ = writeln!(o, "\n![latency percentiles by offered rate](latency.svg)\n");
 
-        let _ = writeln!(o, "## Targets (issue 8)\n");
+        if !self.isolation.is_empty() {
+            self.isolation_markdown(&mut o);
+        }
+        if !self.kills.is_empty() {
+            self.kills_markdown(&mut o);
+        }
+
+        let _ = writeln!(o, "## Targets (issues 8 and 11)\n");
         let _ = writeln!(o, "| target | measured | met |\n|---|---|---|");
         for t in &self.targets {
             let _ = writeln!(
@@ -786,6 +966,8 @@ impl Report {
             "The relay ceiling is min(source ceiling, broker ceiling); the ceilings run alone, the drain runs source, relay, broker and consumer at once on 2 cores.",
             "Kafka: topic created up front with 3 partitions; the consumer assigns them from the beginning. RabbitMQ: durable topic exchange and a durable queue bound with `#`, consumed with no-ack.",
             "Footprint: VmHWM of /proc/<pid>/status and utime+stime of /proc/<pid>/stat of the relay process.",
+            "Failure isolation: the failing aggregate has aggregate type `bench_fail`. RabbitMQ (transient): a durable queue with `x-max-length = 0` and `x-overflow = reject-publish` bound with `bench_fail.#`, so RabbitMQ nacks every publish routed there; the healthy queue is bound with `bench.#` only. Kafka (permanent): its topic does not exist and the relay runs with `kafka.create_topics = false` (the harness creates the healthy topic), so every attempt is refused as permanent; `delivery.max_attempts = 1000000` keeps it from being dead-lettered (a permanent failure counts toward max_attempts, engine/mod.rs `settle`), backoff 50 ms to 1 s so it is retried throughout. Both measurements run on one relay with these settings.",
+            "Duplicates per SIGKILL: the consumer reads from before the first event; it stops once it has read every committed event, so a duplicate read after the last new event would not be counted (re-sends follow a restart, before newer events).",
         ] {
             let _ = writeln!(o, "- {line}");
         }
@@ -800,6 +982,161 @@ impl Report {
             let _ = writeln!(o, "- {n}");
         }
         o
+    }
+
+    fn isolation_markdown(&self, o: &mut String) {
+        let s = &self.settings;
+        let _ = writeln!(o, "## Failure isolation\n");
+        let _ = writeln!(
+            o,
+            "One relay per combination, healthy writers at {} events/s over {} aggregates for {} s with nothing failing \
+             (baseline), then again for {} s with ONE extra aggregate of its own aggregate type written at {} events/s \
+             whose every publish fails (it starts failing 1 s before the second measurement and goes on until its end). \
+             Latencies of healthy events only, measured as in the latency section (commit→consumer per event, commit→ack \
+             from the relay's histogram between two scrapes; the failing events never reach the healthy consumer). Target \
+             (issue 11): healthy p99 with the failure ≤ max(2 × baseline p99, baseline p99 + 100 ms), commit→consumer; \
+             the same rule on the relay's commit→ack p99 is listed too (informational: it leaves out the consumer's own \
+             tail, which dominates commit→consumer on tansu). \
+             retrying aggregates: highest `outbox_relay_retrying_aggregates` of the scrapes every 250 ms during the failing \
+             run (scrapes above 0 / all). All ms.\n",
+            s.isolation_rate,
+            s.isolation_aggregates,
+            s.isolation_secs,
+            s.isolation_secs,
+            s.isolation_failing_rate
+        );
+        let _ = writeln!(
+            o,
+            "| source → sink | failing aggregate | run | achieved/s | commit→consumer p50 / p99 / p99.9 / max | commit→ack p50 / p99 / p99.9 / max ≤ | missing | failing events written | publish failures | dead-lettered | retrying aggregates | p99 limit | met |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---|"
+        );
+        let count = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
+        for i in &self.isolation {
+            for (run, l) in [("baseline", &i.baseline), ("with failure", &i.with_failure)] {
+                let failing = run != "baseline";
+                let p = &l.commit_to_consumer;
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {run} | {:.0} | {:.1} / **{:.1}** / {:.1} / {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    i.combo,
+                    if failing { i.failure.as_str() } else { "none" },
+                    l.achieved_per_sec,
+                    p.p50_ms,
+                    p.p99_ms,
+                    p.p999_ms,
+                    p.max_ms,
+                    ack_cell(l),
+                    l.missing,
+                    if failing {
+                        i.failing_written.to_string()
+                    } else {
+                        "–".into()
+                    },
+                    if failing {
+                        count(i.publish_failures)
+                    } else {
+                        "–".into()
+                    },
+                    if failing {
+                        count(i.dead_lettered)
+                    } else {
+                        "–".into()
+                    },
+                    if failing {
+                        format!(
+                            "{} ({} / {})",
+                            count(i.retrying_aggregates_max),
+                            i.retrying_scrapes.0,
+                            i.retrying_scrapes.1
+                        )
+                    } else {
+                        "–".into()
+                    },
+                    if failing {
+                        format!("{:.1}", i.limit_ms)
+                    } else {
+                        "–".into()
+                    },
+                    if !failing {
+                        "–"
+                    } else if i.met {
+                        "yes"
+                    } else {
+                        "**no**"
+                    },
+                );
+            }
+        }
+        let envs: Vec<String> = self
+            .isolation
+            .iter()
+            .map(|i| format!("{}: `{}`", i.combo, i.relay_env.join(" ")))
+            .collect();
+        let _ = writeln!(
+            o,
+            "\nRelay settings of these runs (both measurements; `--relay-env` applies after them): {}.\n",
+            envs.join("; ")
+        );
+    }
+
+    fn kills_markdown(&self, o: &mut String) {
+        let s = &self.settings;
+        let _ = writeln!(o, "## Duplicates per SIGKILL\n");
+        let _ = writeln!(
+            o,
+            "Writers at {} events/s over {} aggregates for {} s; the relay SIGKILLed {} times at even intervals and \
+             restarted at once (the same configuration), then left to drain. Every message the consumer read is counted: \
+             duplicates are deliveries of an event already read, attributed to the kill they followed (read after kill i, \
+             before kill i + 1). In-flight window: delivery.max_in_flight × poll.batch_size (the wal source reads batches \
+             of poll.batch_size too), what can be sent and not yet confirmed when the relay dies. Order: first deliveries \
+             per aggregate, as in the drains. restart: from the SIGKILL to the new instance's `relay started` line.\n",
+            s.kill_rate, s.kill_aggregates, s.kill_secs, s.kills
+        );
+        let _ = writeln!(
+            o,
+            "| source → sink | achieved/s | committed | read (distinct) | deliveries | missing | duplicates | per kill | before 1st kill | in-flight window | within window | order violations | restart s | drain after writers |"
+        );
+        let _ = writeln!(
+            o,
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---:|"
+        );
+        for r in &self.kills {
+            let _ = writeln!(
+                o,
+                "| {} | {:.0} | {} | {} | {} | **{}** | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2} s |",
+                r.combo,
+                r.achieved_per_sec,
+                r.committed,
+                r.received,
+                r.deliveries,
+                r.missing,
+                r.duplicates,
+                r.duplicates_per_kill
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                r.duplicates_before_first_kill,
+                r.in_flight_window,
+                r.window_formula,
+                if r.window_met { "yes" } else { "**no**" },
+                if r.order_checked == 0 {
+                    "n/a".to_string()
+                } else {
+                    r.order_violations.to_string()
+                },
+                r.restart_seconds
+                    .iter()
+                    .map(|t| format!("{t:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                r.drain_after_writers_seconds
+            );
+        }
+        let _ = writeln!(o);
     }
 
     /// Two panels (commit→consumer, relay commit→ack), log-scale ms over offered rate; one
@@ -1019,12 +1356,18 @@ mod tests {
                 rates: vec![],
                 latency_secs: 1,
                 commit_ceiling_secs: 1,
+                isolation_rate: 800,
+                isolation_aggregates: 200,
+                isolation_failing_rate: 20,
+                isolation_secs: 1,
+                kill_rate: 2000,
+                kill_aggregates: 1000,
+                kill_secs: 1,
+                kills: 3,
                 relay_env: vec![],
                 arguments: String::new(),
             },
-            Ceilings::default(),
-            vec![],
-            vec![],
+            Measured::default(),
             vec![],
             0.0,
         )
@@ -1035,6 +1378,99 @@ mod tests {
         let r = empty();
         assert!(r.svg().ends_with("</svg>\n"));
         assert!(r.markdown().contains("## Targets"));
+    }
+
+    fn latency(p99_ms: f64) -> Latency {
+        Latency {
+            combo: "poll → rabbitmq".into(),
+            offered_per_sec: 800,
+            achieved_per_sec: 800.0,
+            writer_max_behind_ms: 0.0,
+            committed: 100,
+            received: 100,
+            missing: 0,
+            commit_to_consumer: Percentiles::of(vec![1.0, p99_ms]),
+            insert_to_consumer: Percentiles::default(),
+            consumer_before_commit_returned: 0,
+            commit_to_ack: None,
+            peak_rss_mib: 1.0,
+            cpu_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn isolation_and_kills_get_their_sections_and_targets() {
+        let mut r = empty();
+        r.isolation.push(Isolation {
+            combo: "poll → rabbitmq".into(),
+            failure: "nacked".into(),
+            failure_kind: "transient".into(),
+            failing_aggregate_type: "bench_fail".into(),
+            failing_per_sec: 20,
+            failing_written: 100,
+            relay_env: vec!["RELAY_DELIVERY__MAX_ATTEMPTS=1000000".into()],
+            baseline: latency(10.0),
+            with_failure: latency(150.0),
+            publish_failures: Some(8.0),
+            dead_lettered: Some(0.0),
+            retrying_aggregates_max: Some(1.0),
+            retrying_scrapes: (20, 21),
+            limit_ms: 110.0,
+            met: false,
+            ack_limit_ms: None,
+            ack_met: None,
+        });
+        r.kills.push(KillRun {
+            combo: "poll → rabbitmq".into(),
+            offered_per_sec: 2000,
+            achieved_per_sec: 2000.0,
+            aggregates: 1000,
+            seconds: 5,
+            kills: 3,
+            restart_seconds: vec![0.2, 0.2, 0.2],
+            committed: 10_000,
+            received: 10_000,
+            deliveries: 10_030,
+            missing: 0,
+            duplicates: 30,
+            duplicates_per_kill: vec![10, 10, 10],
+            duplicates_before_first_kill: 0,
+            max_duplicates_per_kill: 10,
+            mean_duplicates_per_kill: 10.0,
+            in_flight_window: 4000,
+            window_formula: "4 × 1000".into(),
+            order_checked: 10_000,
+            order_violations: 0,
+            drain_after_writers_seconds: 0.1,
+            window_met: true,
+        });
+        // Targets are derived in `new`: rebuild from the parts.
+        let r = Report::new(
+            r.machine,
+            r.settings,
+            Measured {
+                isolation: r.isolation,
+                kills: r.kills,
+                ..Default::default()
+            },
+            vec![],
+            0.0,
+        );
+        let md = r.markdown();
+        assert!(md.contains("## Failure isolation"), "{md}");
+        assert!(md.contains("## Duplicates per SIGKILL"), "{md}");
+        assert!(md.contains("| 10 / 10 / 10 |"), "{md}");
+        let p99 = r
+            .targets
+            .iter()
+            .find(|t| t.target.contains("healthy p99 with a failing aggregate"))
+            .unwrap();
+        assert_eq!(p99.met, Some(false));
+        assert!(
+            r.targets
+                .iter()
+                .any(|t| t.target.contains("duplicates per SIGKILL") && t.met == Some(true))
+        );
     }
 
     #[test]

@@ -155,6 +155,31 @@ pub fn sum_and_count(exposition: &str, name: &str) -> Option<(f64, f64)> {
     Some((value("_sum")?, value("_count")?))
 }
 
+/// Sum over every series of counter or gauge `name` (all label sets), `None` when the exposition
+/// has no sample of it (e.g. a gauge not set yet).
+pub fn total(exposition: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = if let Some(v) = rest.strip_prefix(' ') {
+            v
+        } else if let Some(labelled) = rest.strip_prefix('{') {
+            match labelled.split_once("} ") {
+                Some((_, v)) => v,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +225,17 @@ outbox_relay_batch_size_count 10
         let diff = b.since(&Buckets(vec![(0.005, 10.0), (0.01, 50.0)]));
         assert_eq!(diff.0[0].1, 0.0);
         assert_eq!(diff.0[1].1, 40.0);
+    }
+
+    #[test]
+    fn totals_add_every_label_set() {
+        let e = "outbox_relay_publish_failures_total{system=\"kafka\",kind=\"permanent\"} 3\n\
+                 outbox_relay_publish_failures_total{system=\"kafka\",kind=\"transient\"} 4\n\
+                 outbox_relay_retrying_aggregates 1\n";
+        assert_eq!(total(e, "outbox_relay_publish_failures_total"), Some(7.0));
+        assert_eq!(total(e, "outbox_relay_retrying_aggregates"), Some(1.0));
+        assert_eq!(total(e, "outbox_relay_retrying"), None);
+        assert_eq!(total(EXPOSITION, "outbox_relay_batch_size"), None);
     }
 
     #[test]
