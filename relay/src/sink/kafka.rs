@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -30,6 +30,10 @@ use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a topic found missing (and not to be created) is taken as missing without asking
+/// the broker again: every retry of its events would otherwise fetch metadata inside `send`,
+/// ahead of the healthy events of the same batch.
+const MISSING_RECHECK: Duration = Duration::from_secs(5);
 
 /// A topic as the broker's metadata shows it.
 enum TopicState {
@@ -46,6 +50,8 @@ pub struct KafkaSink {
     topic: Template,
     config: KafkaConfig,
     known_topics: HashSet<String>,
+    /// Topics the broker said do not exist (with `create_topics = false`), and when.
+    missing_topics: HashMap<String, Instant>,
     /// What delivery reports found, for the next `send` (reports arrive after it returned).
     reports: Arc<Mutex<Reports>>,
     /// Messages sent on the current producer whose report has not arrived.
@@ -112,6 +118,7 @@ impl KafkaSink {
             topic: Template::parse(&config.topic).map_err(Error::Config)?,
             config: config.clone(),
             known_topics: HashSet::new(),
+            missing_topics: HashMap::new(),
             reports: Arc::default(),
             in_flight: Arc::default(),
         })
@@ -122,6 +129,17 @@ impl KafkaSink {
     async fn ensure_topic(&mut self, topic: &str) -> Result<(), PublishError> {
         if self.known_topics.contains(topic) {
             return Ok(());
+        }
+        let missing_error = || {
+            PublishError::permanent(format!(
+                "Kafka topic `{topic}` does not exist; create it, or set kafka.create_topics = true"
+            ))
+        };
+        if let Some(seen) = self.missing_topics.get(topic) {
+            if seen.elapsed() < MISSING_RECHECK {
+                return Err(missing_error());
+            }
+            self.missing_topics.remove(topic);
         }
         let missing = match self.topic_state(topic).await? {
             TopicState::Exists => false,
@@ -135,9 +153,9 @@ impl KafkaSink {
         };
         if missing {
             if !self.config.create_topics {
-                return Err(PublishError::permanent(format!(
-                    "Kafka topic `{topic}` does not exist; create it, or set kafka.create_topics = true"
-                )));
+                self.missing_topics
+                    .insert(topic.to_string(), Instant::now());
+                return Err(missing_error());
             }
             let new = NewTopic::new(
                 topic,
