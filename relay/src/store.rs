@@ -32,6 +32,18 @@ pub struct Progress {
     pub trusted: bool,
 }
 
+/// A missing attempts table (not migrated yet) holds nothing to delete.
+fn ignore_unmigrated(
+    result: Result<u64, tokio_postgres::Error>,
+    context: &str,
+) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(()),
+        Err(e) => Err(Error::pg(context, e)),
+    }
+}
+
 /// The migrations of `migrations/`, applied in order; each is idempotent.
 const MIGRATIONS: [(&str, &str); 9] = [
     (
@@ -762,26 +774,22 @@ impl Outbox {
         Ok(row.get(0))
     }
 
-    /// Wal mode: forgets the attempts of events that were published or dead-lettered, and of
-    /// events nobody tried for a day (left by an instance that died).
+    /// Wal mode: forgets the attempts of events that were published or dead-lettered.
     pub async fn clear_wal_attempts(
         &self,
         client: &Client,
         event_ids: &[&str],
     ) -> Result<(), Error> {
-        let result = if event_ids.is_empty() {
-            client.execute(&self.wal_stale_attempts_sql, &[]).await
-        } else {
-            client
-                .execute(&self.wal_clear_attempts_sql, &[&event_ids])
-                .await
-        };
-        match result {
-            Ok(_) => Ok(()),
-            // Not migrated yet: nothing was recorded there.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(()),
-            Err(e) => Err(Error::pg("cannot clear recorded publish attempts", e)),
-        }
+        let result = client
+            .execute(&self.wal_clear_attempts_sql, &[&event_ids])
+            .await;
+        ignore_unmigrated(result, "cannot clear recorded publish attempts")
+    }
+
+    /// Wal mode: forgets attempts nobody made for a day (left by an instance that died).
+    pub async fn clear_stale_wal_attempts(&self, client: &Client) -> Result<(), Error> {
+        let result = client.execute(&self.wal_stale_attempts_sql, &[]).await;
+        ignore_unmigrated(result, "cannot delete stale publish attempts")
     }
 
     /// Moves the event to the dead-letter table, in one statement.

@@ -30,16 +30,7 @@ async fn open(
 ) -> lapin::Result<(Connection, Channel, Consumer)> {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        exchange,
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_exchange(&ch, exchange).await?;
     ch.queue_declare(
         queue,
         QueueDeclareOptions {
@@ -66,6 +57,20 @@ async fn open(
         )
         .await?;
     Ok((conn, ch, consumer))
+}
+
+/// The scenario's exchange, declared as the relay declares it (durable topic).
+async fn declare_exchange(ch: &Channel, exchange: &str) -> lapin::Result<()> {
+    ch.exchange_declare(
+        exchange,
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
 }
 
 fn text(v: &AMQPValue) -> String {
@@ -178,18 +183,7 @@ impl RefusingQueue {
             .await
             .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
         let channel = conn.create_channel().await.unwrap();
-        channel
-            .exchange_declare(
-                exchange,
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        declare_exchange(&channel, exchange).await.unwrap();
         let name = super::unique("refusing");
         let mut args = FieldTable::default();
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));

@@ -67,10 +67,6 @@ use crate::source::Source;
 use crate::source::poll::PollSource;
 use crate::source::wal::WalSource;
 
-/// While batches are in flight and there is room for another, how often the engine looks for
-/// new events instead of waiting for the oldest answer.
-const FILL_TICK: Duration = Duration::from_millis(2);
-
 /// Exponential backoff with jitter that never gives up; `reset` after a success.
 pub struct Backoff {
     builder: ExponentialBuilder,
@@ -330,40 +326,7 @@ impl Engine<'_> {
                 }
                 continue;
             }
-            // One batch in flight and room for another: look for new events every FILL_TICK
-            // while waiting for its answer, so that a light stream does not wait a whole round
-            // trip per batch (waiting on the answers is cancel-safe: a result not taken stays
-            // queued). With more in flight, new events wait for the oldest answer and go out
-            // together: under load, batches stay large.
-            let can_fill = self.flights.len() == 1
-                && max_in_flight > 1
-                && self.paused_until.is_none()
-                && !shutdown.is_cancelled()
-                && !leadership.is_cancelled();
-            let next = if can_fill {
-                loop {
-                    match tokio::time::timeout(FILL_TICK, self.flights.next()).await {
-                        Ok(next) => break Some(next),
-                        Err(_)
-                            if source.may_have_more()
-                                || self
-                                    .aggregates
-                                    .next_retry()
-                                    .is_some_and(|t| t <= Instant::now()) =>
-                        {
-                            break None;
-                        }
-                        Err(_) => {}
-                    }
-                }
-            } else {
-                Some(self.flights.next().await)
-            };
-            // Nothing answered yet: go and fill.
-            let Some(next) = next else {
-                continue;
-            };
-            let Some((events, results)) = next else {
+            let Some((events, results)) = self.flights.next().await else {
                 continue;
             };
             self.settle(source, &events, results, backoff).await?;

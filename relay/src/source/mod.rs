@@ -78,14 +78,6 @@ pub trait Source: Send + Sized {
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;
 
-    /// Whether a `next_batch` without waiting might return events now. While batches are in
-    /// flight the engine asks every few milliseconds, so new events go out without waiting for
-    /// the oldest answer; a source where asking costs a query says no when nothing is known to
-    /// be new.
-    fn may_have_more(&mut self) -> bool {
-        true
-    }
-
     /// The broker confirmed these events.
     fn confirm(
         &mut self,

@@ -31,9 +31,6 @@ pub struct PollSource {
     last_cleanup: Instant,
     /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released.
     out: HashSet<i64>,
-    /// The last read was cut at the batch size (or events were released since): more rows
-    /// are pending.
-    more: bool,
 }
 
 impl PollSource {
@@ -89,7 +86,6 @@ impl Source for PollSource {
             config: config.poll.clone(),
             last_cleanup: Instant::now(),
             out: HashSet::new(),
-            more: true,
         })
     }
 
@@ -130,7 +126,6 @@ impl Source for PollSource {
                 .outbox
                 .fetch_pending(&self.conn.client, max, &out, blocked)
                 .await?;
-            self.more = events.len() >= max;
             if !events.is_empty() {
                 debug!(count = events.len(), "read pending events");
                 self.out.extend(events.iter().map(|e| e.seq));
@@ -163,14 +158,7 @@ impl Source for PollSource {
         Ok(())
     }
 
-    fn may_have_more(&mut self) -> bool {
-        // A commit since the last read notified (when `poll.notify` is on; without it, new
-        // rows wait for the next read after an answer or for the interval).
-        self.more || !self.conn.notifications.is_empty()
-    }
-
     fn release(&mut self, events: &[&OutboxEvent]) {
-        self.more |= !events.is_empty();
         for e in events {
             self.out.remove(&e.seq);
         }
