@@ -2,9 +2,12 @@
 //!
 //! Names follow Prometheus conventions: `_total` counters, base units (seconds, bytes).
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::{Error, FailureKind, PublishError};
@@ -89,33 +92,76 @@ pub fn install() -> Result<PrometheusHandle, Error> {
     Ok(handle)
 }
 
-/// Records the broker's answer for one event.
-pub fn record_publish(
+/// The broker's answers to one send, counted as they come and added to the labelled counters
+/// when the tally is dropped: one registry lookup per destination, not one per event.
+pub struct PublishTally {
     system: &'static str,
-    destination: &str,
-    created_at_ms: Option<i64>,
-    result: &Result<(), PublishError>,
-) {
-    match result {
-        Ok(()) => {
-            counter!(PUBLISHED, "system" => system, "destination" => destination.to_string())
-                .increment(1);
-            if let Some(created) = created_at_ms {
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(created);
-                histogram!(COMMIT_TO_ACK, "system" => system)
-                    .record((now_ms - created).max(0) as f64 / 1000.0);
+    published: HashMap<String, u64>,
+    failed: [u64; 3],
+    commit_to_ack: Option<Histogram>,
+}
+
+impl PublishTally {
+    /// `system` is `kafka` or `rabbitmq`.
+    pub fn new(system: &'static str) -> Self {
+        Self {
+            system,
+            published: HashMap::new(),
+            failed: [0; 3],
+            commit_to_ack: None,
+        }
+    }
+
+    /// Counts the answer for one event sent to `destination` (topic or exchange).
+    pub fn record(
+        &mut self,
+        destination: &str,
+        created_at_ms: Option<i64>,
+        result: &Result<(), PublishError>,
+    ) {
+        match result {
+            Ok(()) => {
+                match self.published.get_mut(destination) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.published.insert(destination.to_string(), 1);
+                    }
+                }
+                if let Some(created) = created_at_ms {
+                    let now_ms = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(created);
+                    let system = self.system;
+                    self.commit_to_ack
+                        .get_or_insert_with(|| histogram!(COMMIT_TO_ACK, "system" => system))
+                        .record((now_ms - created).max(0) as f64 / 1000.0);
+                }
+            }
+            Err(e) => {
+                self.failed[match e.kind {
+                    FailureKind::Transient => 0,
+                    FailureKind::Unavailable => 1,
+                    FailureKind::Permanent => 2,
+                }] += 1
             }
         }
-        Err(e) => {
-            let kind = match e.kind {
-                FailureKind::Transient => "transient",
-                FailureKind::Unavailable => "unavailable",
-                FailureKind::Permanent => "permanent",
-            };
-            counter!(FAILURES, "system" => system, "kind" => kind).increment(1);
+    }
+}
+
+impl Drop for PublishTally {
+    fn drop(&mut self) {
+        let system = self.system;
+        for (destination, n) in self.published.drain() {
+            counter!(PUBLISHED, "system" => system, "destination" => destination).increment(n);
+        }
+        for (kind, n) in ["transient", "unavailable", "permanent"]
+            .iter()
+            .zip(self.failed)
+        {
+            if n > 0 {
+                counter!(FAILURES, "system" => system, "kind" => *kind).increment(n);
+            }
         }
     }
 }

@@ -111,19 +111,90 @@ pub struct Destination<'a> {
 
 /// The relay's PRODUCER span of one event, open until the broker answered.
 pub struct PublishSpan {
-    span: opentelemetry_sdk::trace::Span,
-    system: &'static str,
-    destination: String,
+    /// The SDK's span, only while spans are exported: without an exporter nobody would see
+    /// it, and only its ids matter (they go on the message).
+    span: Option<opentelemetry_sdk::trace::Span>,
     created_at_ms: Option<i64>,
     /// `traceparent` / `tracestate` to put on the message: this span's context.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
-    /// Trace id, for log lines.
-    pub trace_id: String,
 }
 
 /// Starts the PRODUCER span of `event`: a child of the writer's context, or a new root.
 pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishSpan {
+    if EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        exported_span(event, to)
+    } else {
+        id_only_span(event)
+    }
+}
+
+/// The writer's context in a W3C `traceparent` (<https://www.w3.org/TR/trace-context/>): its
+/// trace id and whether it was sampled; `None` when the header is not a valid one (a new root).
+fn parse_traceparent(tp: &str) -> Option<(u128, bool)> {
+    let lower_hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let mut parts = tp.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let more = parts.next().is_some();
+    if !lower_hex(version, 2) || version == "ff" || (version == "00" && more) {
+        return None;
+    }
+    if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
+        return None;
+    }
+    let trace_id = u128::from_str_radix(trace, 16).ok()?;
+    let span_id = u64::from_str_radix(span, 16).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    if trace_id == 0 || span_id == 0 || (version == "00" && flags > 2) {
+        return None;
+    }
+    Some((trace_id, flags & 1 == 1))
+}
+
+/// The span's ids without the SDK: a child of a valid writer context keeps its trace id,
+/// sampled flag and `tracestate` (the SDK's parent-based sampler does the same), anything else
+/// becomes a sampled root. `exported_span` gives the same context (unit test).
+fn id_only_span(event: &OutboxEvent) -> PublishSpan {
+    let parent = event.traceparent.as_deref().and_then(parse_traceparent);
+    let span_id = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    let (trace_id, sampled, tracestate) = match parent {
+        Some((trace_id, sampled)) => {
+            let state = event
+                .tracestate
+                .as_deref()
+                .and_then(|ts| ts.parse::<opentelemetry::trace::TraceState>().ok())
+                .map(|ts| ts.header())
+                .filter(|ts| !ts.is_empty());
+            (trace_id, sampled, state)
+        }
+        None => loop {
+            let id: u128 = rand::random();
+            if id != 0 {
+                break (id, true, None);
+            }
+        },
+    };
+    PublishSpan {
+        span: None,
+        created_at_ms: event.created_at_ms,
+        traceparent: Some(format!(
+            "00-{trace_id:032x}-{span_id:016x}-{:02x}",
+            u8::from(sampled)
+        )),
+        tracestate,
+    }
+}
+
+/// The span through the SDK, with the name and attributes of the semantic conventions.
+fn exported_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishSpan {
     let propagator = TraceContextPropagator::new();
     let mut carrier: HashMap<String, String> = HashMap::new();
     if let Some(tp) = &event.traceparent {
@@ -134,14 +205,6 @@ pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishS
     }
     let parent = propagator.extract_with_context(&Context::new(), &carrier);
     let tracer = tracer();
-    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
-        // Nobody will see the span: only its ids matter (they go on the message).
-        let span = tracer
-            .span_builder("publish")
-            .with_kind(SpanKind::Producer)
-            .start_with_context(tracer, &parent);
-        return PublishSpan::started(span, &parent, &propagator, to, event);
-    }
     let mut attributes = vec![
         KeyValue::new("messaging.system", to.system),
         KeyValue::new("messaging.operation.type", "publish"),
@@ -168,41 +231,34 @@ pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishS
         .with_kind(SpanKind::Producer)
         .with_attributes(attributes)
         .start_with_context(tracer, &parent);
-    PublishSpan::started(span, &parent, &propagator, to, event)
+    let cx = parent.with_remote_span_context(span.span_context().clone());
+    let mut out: HashMap<String, String> = HashMap::new();
+    propagator.inject_context(&cx, &mut out);
+    PublishSpan {
+        traceparent: out.remove("traceparent"),
+        tracestate: out.remove("tracestate").filter(|s| !s.is_empty()),
+        span: Some(span),
+        created_at_ms: event.created_at_ms,
+    }
 }
 
 impl PublishSpan {
-    fn started(
-        span: opentelemetry_sdk::trace::Span,
-        parent: &Context,
-        propagator: &TraceContextPropagator,
-        to: &Destination<'_>,
-        event: &OutboxEvent,
-    ) -> Self {
-        let span_context = span.span_context().clone();
-        let cx = parent.with_remote_span_context(span_context.clone());
-        let mut out: HashMap<String, String> = HashMap::new();
-        propagator.inject_context(&cx, &mut out);
-        Self {
-            trace_id: span_context.trace_id().to_string(),
-            traceparent: out.remove("traceparent"),
-            tracestate: out.remove("tracestate").filter(|s| !s.is_empty()),
-            span,
-            system: to.system,
-            destination: to.name.to_string(),
-            created_at_ms: event.created_at_ms,
+    /// Ends the span with the broker's answer for the message sent to `destination` (topic or
+    /// exchange), and counts the answer in `tally`.
+    pub fn end(
+        self,
+        result: &Result<(), PublishError>,
+        destination: &str,
+        tally: &mut crate::metrics::PublishTally,
+    ) {
+        tally.record(destination, self.created_at_ms, result);
+        if let Some(mut span) = self.span {
+            if let Err(e) = result {
+                span.set_status(Status::error(e.message.clone()));
+                span.set_attribute(KeyValue::new("error.type", format!("{:?}", e.kind)));
+            }
+            span.end();
         }
-    }
-
-    /// Ends the span with the broker's answer and counts it in the metrics.
-    pub fn end(mut self, result: &Result<(), PublishError>) {
-        crate::metrics::record_publish(self.system, &self.destination, self.created_at_ms, result);
-        if let Err(e) = result {
-            self.span.set_status(Status::error(e.message.clone()));
-            self.span
-                .set_attribute(KeyValue::new("error.type", format!("{:?}", e.kind)));
-        }
-        self.span.end();
     }
 }
 
@@ -214,31 +270,138 @@ mod tests {
         tp.split('-').map(str::to_string).collect()
     }
 
+    fn wallet_event(traceparent: Option<&str>, tracestate: Option<&str>) -> OutboxEvent {
+        let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
+        e.traceparent = traceparent.map(str::to_string);
+        e.tracestate = tracestate.map(str::to_string);
+        e
+    }
+
+    const TO: Destination<'static> = Destination {
+        system: "kafka",
+        name: "outbox.event.wallet",
+        routing_key: None,
+    };
+
     #[test]
     fn publish_span_is_a_child_of_the_writer_and_a_root_without_one() {
-        let to = Destination {
-            system: "kafka",
-            name: "outbox.event.wallet",
-            routing_key: None,
-        };
-        let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
-        e.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
-        e.tracestate = Some("vendor=1".into());
-        let span = start_publish_span(&e, &to);
-        let tp = parts(span.traceparent.as_deref().unwrap());
-        assert_eq!(tp[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
-        assert_ne!(tp[2], "00f067aa0ba902b7", "a new span");
-        assert_eq!(tp[3], "01");
-        assert_eq!(span.tracestate.as_deref(), Some("vendor=1"));
-        assert_eq!(span.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        span.end(&Ok(()));
+        let e = wallet_event(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("vendor=1"),
+        );
+        for span in [id_only_span(&e), exported_span(&e, &TO)] {
+            let tp = parts(span.traceparent.as_deref().unwrap());
+            assert_eq!(tp[0], "00");
+            assert_eq!(tp[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+            assert_eq!(tp[2].len(), 16);
+            assert_ne!(tp[2], "00f067aa0ba902b7", "a new span");
+            assert_eq!(tp[3], "01");
+            assert_eq!(span.tracestate.as_deref(), Some("vendor=1"));
+            span.end(
+                &Ok(()),
+                TO.name,
+                &mut crate::metrics::PublishTally::new("kafka"),
+            );
+        }
 
-        e.traceparent = None;
-        e.tracestate = None;
-        let root = start_publish_span(&e, &to);
-        let tp = parts(root.traceparent.as_deref().unwrap());
-        assert_eq!(tp[1].len(), 32);
-        assert_ne!(tp[1], "00000000000000000000000000000000");
-        root.end(&Err(PublishError::transient("down")));
+        let e = wallet_event(None, None);
+        for root in [id_only_span(&e), exported_span(&e, &TO)] {
+            let tp = parts(root.traceparent.as_deref().unwrap());
+            assert_eq!(tp[1].len(), 32);
+            assert_ne!(tp[1], "00000000000000000000000000000000");
+            assert_eq!(tp[3], "01", "a new root is sampled");
+            assert_eq!(root.tracestate, None);
+            root.end(
+                &Err(PublishError::transient("down")),
+                TO.name,
+                &mut crate::metrics::PublishTally::new("kafka"),
+            );
+        }
+    }
+
+    /// Without an exporter the relay builds the ids itself; the message must carry the same
+    /// context the SDK would give it, for valid, unsampled and malformed writer contexts.
+    #[test]
+    fn id_only_spans_continue_the_writer_like_the_sdk() {
+        let cases = [
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02",
+                None,
+            ),
+            (
+                " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ",
+                Some("a=1,b=2"),
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("not a state"),
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+                None,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                Some("a=1"),
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                None,
+            ),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-zzf067aa0ba902b7-01",
+                None,
+            ),
+            ("garbage", Some("a=1")),
+            ("", None),
+        ];
+        for (traceparent, tracestate) in cases {
+            let e = wallet_event(Some(traceparent), tracestate);
+            let ours = id_only_span(&e);
+            let sdk = exported_span(&e, &TO);
+            let (o, s) = (
+                parts(ours.traceparent.as_deref().unwrap()),
+                parts(sdk.traceparent.as_deref().unwrap()),
+            );
+            let continued = traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(o[0], s[0], "{traceparent}");
+            assert_eq!(o[3], s[3], "flags of {traceparent}");
+            assert_eq!(
+                o[1] == s[1],
+                continued && o[1] == "4bf92f3577b34da6a3ce929d0e0e4736",
+                "trace id of {traceparent}: ours {} sdk {}",
+                o[1],
+                s[1]
+            );
+            assert_eq!(
+                ours.tracestate, sdk.tracestate,
+                "{traceparent} {tracestate:?}"
+            );
+            assert_ne!(o[2], "00f067aa0ba902b7");
+        }
     }
 }

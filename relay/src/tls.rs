@@ -10,6 +10,7 @@
 //! and RabbitMQ (`amqps://` URLs) take their TLS settings from their own configuration.
 
 use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 
 use crate::config::Secret;
 use crate::error::Error;
@@ -110,16 +111,41 @@ impl PgTarget {
 
     /// The TLS connector for tokio-postgres: no verification for `prefer`/`require` (libpq's
     /// meaning), the CA for `verify-ca`, CA and host name for `verify-full`.
+    ///
+    /// Built once per process for each (mode, CA certificate): setting one up loads the
+    /// system's CA bundle, which cost more CPU than a whole batch of events when it was done
+    /// for every connection. The CA file is read each time, so a replaced one is picked up.
     pub fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector, Error> {
-        let mut builder = native_tls::TlsConnector::builder();
-        if let Some(path) = &self.root_cert {
-            let pem = std::fs::read(path).map_err(|e| {
+        type Key = (SslMode, Option<Vec<u8>>);
+        static BUILT: OnceLock<Mutex<Vec<(Key, postgres_native_tls::MakeTlsConnector)>>> =
+            OnceLock::new();
+        let pem = match &self.root_cert {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
                 Error::Config(format!(
                     "sslrootcert `{}` cannot be read: {e}",
                     path.display()
                 ))
-            })?;
-            let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| {
+            })?),
+            None => None,
+        };
+        let key = (self.ssl, pem);
+        let built = BUILT.get_or_init(Default::default);
+        let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = built.iter().find(|(k, _)| *k == key) {
+            return Ok(c.clone());
+        }
+        let connector = self.build_connector(key.1.as_deref())?;
+        built.push((key, connector.clone()));
+        Ok(connector)
+    }
+
+    fn build_connector(
+        &self,
+        pem: Option<&[u8]>,
+    ) -> Result<postgres_native_tls::MakeTlsConnector, Error> {
+        let mut builder = native_tls::TlsConnector::builder();
+        if let (Some(pem), Some(path)) = (pem, &self.root_cert) {
+            let cert = native_tls::Certificate::from_pem(pem).map_err(|e| {
                 Error::Config(format!(
                     "sslrootcert `{}` is not a PEM certificate: {e}",
                     path.display()

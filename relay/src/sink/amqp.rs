@@ -21,6 +21,7 @@ use super::{Confirmations, InFlight, Sink};
 use crate::config::RabbitmqConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::metrics::PublishTally;
 use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
 
@@ -276,13 +277,18 @@ impl Sink for AmqpSink {
                     let msg = format!("AMQP publish failed: {e}");
                     broken = Some(msg.clone());
                     let error = PublishError::unavailable(msg);
-                    span.end(&Err(error.clone()));
+                    span.end(
+                        &Err(error.clone()),
+                        &exchange,
+                        &mut PublishTally::new("rabbitmq"),
+                    );
                     pending.push(Pending::Failed(error));
                 }
             }
         }
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
+            let mut tally = PublishTally::new("rabbitmq");
             for p in pending {
                 results.push(match p {
                     Pending::Failed(e) => Err(e),
@@ -294,7 +300,7 @@ impl Sink for AmqpSink {
                             &routing_key,
                         );
                         drop(counted);
-                        span.end(&result);
+                        span.end(&result, &exchange, &mut tally);
                         result
                     }
                 });

@@ -26,6 +26,7 @@ use super::{Confirmations, InFlight, Sink};
 use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::metrics::PublishTally;
 use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
 
@@ -449,9 +450,10 @@ impl Sink for KafkaSink {
         let reports = self.reports.clone();
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
+            let mut tally = PublishTally::new("kafka");
             for p in pending {
-                let (result, span) = match p {
-                    Pending::Failed(e, span) => (Err(e), span),
+                let (result, span, topic) = match p {
+                    Pending::Failed(e, span) => (Err(e), span, None),
                     Pending::Sent(delivery, topic, span, counted) => {
                         let result = match delivery.await {
                             Ok(Ok(_)) => Ok(()),
@@ -464,10 +466,10 @@ impl Sink for KafkaSink {
                             )),
                         };
                         drop(counted);
-                        (result, span)
+                        (result, span, Some(topic))
                     }
                 };
-                span.end(&result);
+                span.end(&result, topic.as_deref().unwrap_or(""), &mut tally);
                 results.push(result);
             }
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
