@@ -65,6 +65,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
 async fn run(config: Config) -> Result<(), Error> {
     crate::telemetry::init_tracing().map_err(Error::Config)?;
     let metrics = crate::metrics::install()?;
+    crate::metrics::spawn_upkeep(&metrics);
     let shutdown = CancellationToken::new();
     let shutdown_timeout = config.delivery.shutdown_timeout;
     let health = Arc::new(Health::default());

@@ -8,6 +8,33 @@ pub fn key_of(event: &OutboxEvent) -> AggregateKey {
     (event.aggregate_type.clone(), event.aggregate_id.clone())
 }
 
+/// An aggregate's key borrowed from an event or a key: finds an [`AggregateKey`] in a
+/// [`hashbrown::HashMap`] without copying the strings. Hashes exactly like the tuple.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct KeyRef<'a>(pub &'a str, pub &'a str);
+
+impl<'a> KeyRef<'a> {
+    pub fn of(event: &'a OutboxEvent) -> Self {
+        Self(&event.aggregate_type, &event.aggregate_id)
+    }
+
+    pub fn to_key(self) -> AggregateKey {
+        (self.0.to_string(), self.1.to_string())
+    }
+}
+
+impl<'a> From<&'a AggregateKey> for KeyRef<'a> {
+    fn from(key: &'a AggregateKey) -> Self {
+        Self(&key.0, &key.1)
+    }
+}
+
+impl hashbrown::Equivalent<AggregateKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &AggregateKey) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 /// One outbox event, as read from the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
@@ -44,25 +71,25 @@ impl OutboxEvent {
     /// The message headers of DESIGN.md: the standard ones, then the row's `headers` (which
     /// cannot override a standard one). `traceparent`/`tracestate` are the relay's publish
     /// span's (see [`crate::telemetry::start_publish_span`]), not the writer's.
-    pub fn message_headers(
-        &self,
-        traceparent: Option<&str>,
-        tracestate: Option<&str>,
-    ) -> Vec<(&str, String)> {
+    pub fn message_headers<'a>(
+        &'a self,
+        traceparent: Option<&'a str>,
+        tracestate: Option<&'a str>,
+    ) -> Vec<(&'a str, &'a str)> {
         let mut out = Vec::with_capacity(6 + self.headers.len());
-        out.push(("id", self.id.clone()));
-        out.push(("event_type", self.event_type.clone()));
-        out.push(("aggregate_type", self.aggregate_type.clone()));
-        out.push(("aggregate_id", self.aggregate_id.clone()));
+        out.push(("id", self.id.as_str()));
+        out.push(("event_type", self.event_type.as_str()));
+        out.push(("aggregate_type", self.aggregate_type.as_str()));
+        out.push(("aggregate_id", self.aggregate_id.as_str()));
         if let Some(tp) = traceparent {
-            out.push(("traceparent", tp.to_string()));
+            out.push(("traceparent", tp));
             if let Some(ts) = tracestate {
-                out.push(("tracestate", ts.to_string()));
+                out.push(("tracestate", ts));
             }
         }
         for (k, v) in &self.headers {
             if !STANDARD_HEADERS.contains(&k.as_str()) {
-                out.push((k.as_str(), v.clone()));
+                out.push((k.as_str(), v.as_str()));
             }
         }
         out
@@ -141,7 +168,7 @@ mod tests {
             Some("00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"),
             Some("k=v"),
         );
-        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
         assert_eq!(get("id").unwrap(), e.id);
         assert_eq!(h.iter().filter(|(n, _)| *n == "id").count(), 1);
         assert_eq!(get("tenant").unwrap(), "t1");

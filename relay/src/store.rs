@@ -5,7 +5,6 @@
 //! quoted. The statements are built once, after the table has been inspected, so optional
 //! columns (`headers`, `traceparent`, `tracestate`, `created_at`) may simply be absent.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_postgres::{Client, Row};
@@ -13,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::{Config, OutboxConfig, Secret, SourceKind};
+use crate::engine::aggregates::Blocked;
 use crate::error::{Error, describe_pg};
-use crate::event::{AggregateKey, OutboxEvent, parse_headers};
+use crate::event::{OutboxEvent, parse_headers};
 use crate::ident::{QualifiedName, quote};
 use crate::source::wal;
 use crate::tls::PgTarget;
@@ -714,13 +714,13 @@ impl Outbox {
         client: &Client,
         limit: usize,
         out: &[i64],
-        blocked: &HashSet<AggregateKey>,
+        blocked: &Blocked<'_>,
     ) -> Result<Vec<OutboxEvent>, Error> {
         // One text key per aggregate, `<chars in type>:<type><id>` (unambiguous), so that the
         // planner hashes the list: an anti-join over thousands of (type, id) pairs was a nested
         // loop per row and made a spread backlog drain at a tenth of its rate.
         let keys: Vec<String> = blocked
-            .iter()
+            .keys()
             .map(|(t, i)| format!("{}:{t}{i}", t.chars().count()))
             .collect();
         let rows = client
@@ -966,7 +966,7 @@ impl Outbox {
     pub async fn held_aggregates(
         &self,
         client: &Client,
-    ) -> Result<std::collections::HashSet<(String, String)>, Error> {
+    ) -> Result<hashbrown::HashSet<(String, String)>, Error> {
         let rows = client
             .query(&self.held_sql, &[])
             .await

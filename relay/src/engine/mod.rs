@@ -57,7 +57,7 @@ use futures::stream::FuturesOrdered;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::aggregates::{AggregateKey, Aggregates, key_of};
+use self::aggregates::{AggregateKey, Aggregates, KeyRef, key_of};
 use crate::config::{Config, DeliveryConfig, OnDeadLetter, SourceKind};
 use crate::error::{Error, FailureKind, PublishError};
 use crate::event::OutboxEvent;
@@ -290,7 +290,7 @@ impl Engine<'_> {
                         break;
                     }
                     for event in &to_send {
-                        self.aggregates.sent(&key_of(event));
+                        self.aggregates.sent(KeyRef::of(event));
                     }
                     let refs: Vec<&OutboxEvent> = to_send.iter().collect();
                     debug!(
@@ -355,9 +355,9 @@ impl Engine<'_> {
                 released.push(event);
                 continue;
             }
-            if self.aggregates.needs_probe(&key) && event.validate().is_ok() {
+            if self.aggregates.needs_probe(KeyRef::from(&key)) && event.validate().is_ok() {
                 // It failed before: this event goes alone, the rest after its answer.
-                self.aggregates.start_probe(&key);
+                self.aggregates.start_probe(KeyRef::from(&key));
                 skipped.insert(key);
                 to_send.push(event);
                 continue;
@@ -370,7 +370,7 @@ impl Engine<'_> {
                 Err(defect) => {
                     // An earlier event of the aggregate is still to be confirmed (in this batch
                     // or in flight): dead-letter this one later, behind it, not before it.
-                    if !(sending.contains(&key) || self.aggregates.in_flight(&key)) {
+                    if !(sending.contains(&key) || self.aggregates.in_flight(KeyRef::from(&key))) {
                         source
                             .dead_letter(&event, &format!("invalid event: {defect}"), 1, hold)
                             .await?;
@@ -378,7 +378,8 @@ impl Engine<'_> {
                         released.push(event);
                     }
                     // The aggregate's later events wait until what it has in flight is back.
-                    self.aggregates.failed(&key, Instant::now(), false);
+                    self.aggregates
+                        .failed(KeyRef::from(&key), Instant::now(), false);
                     skipped.insert(key);
                 }
             }
@@ -408,9 +409,9 @@ impl Engine<'_> {
             let result = results
                 .next()
                 .unwrap_or_else(|| Err(PublishError::transient("no answer from the sink")));
-            let key = key_of(event);
-            self.aggregates.answered(&key);
-            if self.aggregates.is_blocked(&key) {
+            let key = KeyRef::of(event);
+            self.aggregates.answered(key);
+            if self.aggregates.is_blocked(key) {
                 // Behind a failed event of its aggregate: read again and sent after it.
                 if result.is_ok() {
                     crate::metrics::record_sent_behind_failure();
@@ -421,23 +422,23 @@ impl Engine<'_> {
             match result {
                 Ok(()) => {
                     confirmed.push(event);
-                    self.aggregates.succeeded(&key);
+                    self.aggregates.succeeded(key);
                 }
                 Err(e) => match e.kind {
                     FailureKind::Unavailable => {
                         unavailable.get_or_insert(e.message);
-                        self.aggregates.failed(&key, now, false);
+                        self.aggregates.failed(key, now, false);
                         released.push(event);
                     }
                     FailureKind::Transient => {
-                        let delay = self.aggregates.failed(&key, now, true);
+                        let delay = self.aggregates.failed(key, now, true);
                         let t = transient.get_or_insert((e.message, 0));
                         t.1 += 1;
                         debug!(event_id = %event.id, aggregate_id = %event.aggregate_id, ?delay, "publish failed; retrying the aggregate after its backoff");
                         released.push(event);
                     }
                     FailureKind::Permanent => {
-                        self.aggregates.failed(&key, now, true);
+                        self.aggregates.failed(key, now, true);
                         refused.push((event, e.message));
                     }
                 },
@@ -450,7 +451,7 @@ impl Engine<'_> {
                 source.dead_letter(event, &error, attempts, hold).await?;
                 // The dead letter holds the aggregate (or, with `skip`, lets it go on): either
                 // way there is nothing to wait for once its in-flight events are back.
-                self.aggregates.failed(&key_of(event), now, false);
+                self.aggregates.failed(KeyRef::of(event), now, false);
             } else {
                 warn!(
                     event_id = %event.id,
@@ -465,7 +466,7 @@ impl Engine<'_> {
         }
         source.release(&released);
         for event in events {
-            self.aggregates.settle(&key_of(event));
+            self.aggregates.settle(KeyRef::of(event));
         }
         if let Some((error, count)) = transient {
             warn!(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::engine::aggregates::Blocked;
 use crate::event::{AggregateKey, OutboxEvent};
 
 /// What the fake broker and the fake table saw, shared with the test.
@@ -69,7 +70,7 @@ impl Source for MemorySource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &HashSet<AggregateKey>,
+        blocked: &Blocked<'_>,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
@@ -79,7 +80,7 @@ impl Source for MemorySource {
                 .events
                 .iter()
                 .filter(|e| !self.done.contains(&e.seq) && !self.out.contains(&e.seq))
-                .filter(|e| !blocked.contains(&key_of(e)) && !held.contains(&key_of(e)))
+                .filter(|e| !blocked.contains(e) && !held.contains(&key_of(e)))
                 .take(max)
                 .cloned()
                 .collect();

@@ -228,7 +228,7 @@ impl Sink for AmqpSink {
         let mut pending = Vec::with_capacity(events.len());
         let mut broken: Option<String> = None;
         // Aggregates with an event refused before publishing: their later events wait too.
-        let mut refused: std::collections::HashSet<(&str, &str)> = Default::default();
+        let mut refused: hashbrown::HashSet<(&str, &str)> = Default::default();
         for event in events {
             let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
             if refused.contains(&key) {

@@ -8,7 +8,7 @@
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

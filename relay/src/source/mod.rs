@@ -16,15 +16,15 @@ pub mod pgoutput;
 pub mod poll;
 pub mod wal;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
+use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::{AggregateKey, OutboxEvent};
+use crate::event::OutboxEvent;
 use crate::store::{Outbox, PgConn};
 
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
@@ -73,7 +73,7 @@ pub trait Source: Send + Sized {
     fn next_batch(
         &mut self,
         max: usize,
-        blocked: &HashSet<AggregateKey>,
+        blocked: &Blocked<'_>,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;

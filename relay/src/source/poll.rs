@@ -12,7 +12,7 @@
 //! If the relay dies or its connection drops, Postgres releases the lock and a standby takes
 //! over at its next try (`poll.standby_interval`).
 
-use std::collections::HashSet;
+use hashbrown::HashSet;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,9 @@ use tracing::{debug, info, warn};
 
 use super::Source;
 use crate::config::{Config, PollConfig};
+use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::{AggregateKey, OutboxEvent};
+use crate::event::OutboxEvent;
 use crate::store::{Outbox, PgConn};
 
 pub struct PollSource {
@@ -106,7 +107,7 @@ impl Source for PollSource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &HashSet<AggregateKey>,
+        blocked: &Blocked<'_>,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {

@@ -20,7 +20,9 @@
 //!
 //! [logical decoding docs]: https://www.postgresql.org/docs/15/logicaldecoding-explanation.html
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 
 pub use pgwire_replication::Lsn;
 

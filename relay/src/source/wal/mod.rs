@@ -26,7 +26,9 @@
 //! Docs: <https://www.postgresql.org/docs/15/protocol-replication.html>,
 //! <https://www.postgresql.org/docs/15/logicaldecoding-explanation.html>.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use hashbrown::{HashMap, HashSet};
 
 pub mod frontier;
 
@@ -42,8 +44,9 @@ use tracing::{debug, info, warn};
 use super::Source;
 use super::pgoutput::{self, BYTEA_OID, Message, Relation, Value};
 use crate::config::{ColumnsConfig, Config};
+use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::{AggregateKey, OutboxEvent, parse_headers};
+use crate::event::{KeyRef, OutboxEvent, parse_headers};
 use crate::ident::QualifiedName;
 use crate::store::{Outbox, PgConn};
 use crate::tls::PgTarget;
@@ -378,8 +381,10 @@ pub struct WalSource {
     /// What may be reported to Postgres as flushed (see [`frontier`]).
     frontier: Frontier,
     ready: VecDeque<OutboxEvent>,
-    /// Handed to the pipeline and not yet confirmed or dead-lettered: sent again first.
-    handed: BTreeMap<i64, OutboxEvent>,
+    /// Read from the stream and not yet confirmed or dead-lettered, in stream order. The event
+    /// itself is kept only while it is not out (parked behind a blocked aggregate, or released
+    /// unconfirmed): those are sent again first. Events in flight are the engine's.
+    handed: BTreeMap<i64, Option<OutboxEvent>>,
     /// Of `handed`, those in flight now (handed out and not yet released).
     out: HashSet<i64>,
     attempts: HashMap<i64, u32>,
@@ -873,14 +878,11 @@ impl Source for WalSource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &HashSet<AggregateKey>,
+        blocked: &Blocked<'_>,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
-        let is_blocked = |e: &OutboxEvent| {
-            !blocked.is_empty()
-                && blocked.contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
-        };
+        let is_blocked = |e: &OutboxEvent| blocked.contains(e);
         // Events of blocked aggregates read from the stream wait in memory; past this many the
         // stream is not read further until some are sent (bounded memory; the slot cannot move
         // past them anyway).
@@ -895,12 +897,14 @@ impl Source for WalSource {
             // an aggregate that waits out a failure).
             let mut batch: Vec<OutboxEvent> = Vec::new();
             if self.handed.len() > self.out.len() {
-                for (seq, e) in &self.handed {
+                for (seq, kept) in self.handed.iter_mut() {
                     if batch.len() >= max {
                         break;
                     }
-                    if !self.out.contains(seq) && !is_blocked(e) {
-                        batch.push(e.clone());
+                    if !self.out.contains(seq)
+                        && let Some(e) = kept.take_if(|e| !is_blocked(e))
+                    {
+                        batch.push(e);
                     }
                 }
             }
@@ -909,7 +913,7 @@ impl Source for WalSource {
                 match self.next_backfill(max).await? {
                     Some(events) => {
                         for e in &events {
-                            self.handed.insert(e.seq, e.clone());
+                            self.handed.insert(e.seq, None);
                         }
                         batch = events;
                     }
@@ -935,9 +939,10 @@ impl Source for WalSource {
                         < park_limit
                     && let Some(e) = self.ready.pop_front()
                 {
-                    let blocked_now = is_blocked(&e);
-                    self.handed.insert(e.seq, e.clone());
-                    if !blocked_now {
+                    if is_blocked(&e) {
+                        self.handed.insert(e.seq, Some(e));
+                    } else {
+                        self.handed.insert(e.seq, None);
                         batch.push(e);
                     }
                 }
@@ -991,17 +996,13 @@ impl Source for WalSource {
             // order, instead of pinning the slot.
             // `outbox-relay dead-letters retry|discard` may have released an aggregate since
             // the last reload: check the table before parking anything.
-            if batch.iter().any(|e| {
-                self.held
-                    .contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
-            }) {
+            if batch.iter().any(|e| self.held.contains(&KeyRef::of(e))) {
                 self.held = self.outbox.held_aggregates(&self.conn.client).await?;
                 self.held_loaded = Instant::now();
             }
             let mut out = Vec::with_capacity(batch.len());
             for event in batch {
-                let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-                if self.held.contains(&key) {
+                if self.held.contains(&KeyRef::of(&event)) {
                     self.outbox
                         .dead_letter(
                             &self.conn.client,
@@ -1094,6 +1095,9 @@ impl Source for WalSource {
     fn release(&mut self, events: &[&OutboxEvent]) {
         for e in events {
             self.out.remove(&e.seq);
+            if let Some(kept) = self.handed.get_mut(&e.seq) {
+                *kept = Some((*e).clone());
+            }
         }
     }
 
