@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -707,11 +707,28 @@ impl Outbox {
             .map_err(|e| Error::pg("cannot LISTEN for outbox notifications", e))
     }
 
+    /// Prepares the polling read and confirmations on `client`, the polling connection: each
+    /// batch then costs one round trip per statement, not two (parse, then execute).
+    pub async fn prepare_poll(&self, client: &Client) -> Result<PollStatements, Error> {
+        let prepare = async |sql: &str| {
+            client
+                .prepare(sql)
+                .await
+                .map_err(|e| Error::pg("cannot prepare the polling statements", e))
+        };
+        Ok(PollStatements {
+            fetch: prepare(&self.fetch_sql).await?,
+            confirm: prepare(&self.confirm_sql).await?,
+            delete: prepare(&self.delete_sql).await?,
+        })
+    }
+
     /// Unpublished events in outbox order, leaving out the rows `out` (in flight) and the
     /// aggregates in `blocked` (waiting out a failure) and those held by a dead letter.
     pub async fn fetch_pending(
         &self,
         client: &Client,
+        statements: &PollStatements,
         limit: usize,
         out: &[i64],
         blocked: &Blocked<'_>,
@@ -724,21 +741,27 @@ impl Outbox {
             .map(|(t, i)| format!("{}:{t}{i}", t.chars().count()))
             .collect();
         let rows = client
-            .query(&self.fetch_sql, &[&(limit as i64), &out, &keys])
+            .query(&statements.fetch, &[&(limit as i64), &out, &keys])
             .await
             .map_err(|e| Error::pg("cannot read pending outbox events", e))?;
         Ok(rows.iter().map(event_from_row).collect())
     }
 
     /// Marks events published (or deletes them when `delete` is set: retention 0).
-    pub async fn confirm(&self, client: &Client, seqs: &[i64], delete: bool) -> Result<(), Error> {
+    pub async fn confirm(
+        &self,
+        client: &Client,
+        statements: &PollStatements,
+        seqs: &[i64],
+        delete: bool,
+    ) -> Result<(), Error> {
         if seqs.is_empty() {
             return Ok(());
         }
         let sql = if delete {
-            &self.delete_sql
+            &statements.delete
         } else {
-            &self.confirm_sql
+            &statements.confirm
         };
         client
             .execute(sql, &[&seqs])
@@ -973,6 +996,13 @@ impl Outbox {
             .map_err(|e| Error::pg("cannot read held aggregates", e))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+}
+
+/// The statements of the polling source, prepared on its connection ([`Outbox::prepare_poll`]).
+pub struct PollStatements {
+    fetch: Statement,
+    confirm: Statement,
+    delete: Statement,
 }
 
 /// Most rows one [`Outbox::cleanup`] deletes, so a large backlog is deleted in short

@@ -23,11 +23,12 @@ use crate::config::{Config, PollConfig};
 use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::OutboxEvent;
-use crate::store::{Outbox, PgConn};
+use crate::store::{Outbox, PgConn, PollStatements};
 
 pub struct PollSource {
     conn: PgConn,
     outbox: Outbox,
+    statements: PollStatements,
     config: PollConfig,
     last_cleanup: Instant,
     /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released.
@@ -68,6 +69,7 @@ impl Source for PollSource {
             .await
             .map_err(|e| Error::pg("cannot set up the polling connection", e))?;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
+        let statements = outbox.prepare_poll(&conn.client).await?;
         let trigger = outbox.has_notify_trigger(&conn.client).await?;
         if config.poll.notify {
             outbox.listen(&conn.client).await?;
@@ -84,6 +86,7 @@ impl Source for PollSource {
         Ok(Self {
             conn,
             outbox,
+            statements,
             config: config.poll.clone(),
             last_cleanup: Instant::now(),
             out: HashSet::new(),
@@ -125,7 +128,7 @@ impl Source for PollSource {
             let out: Vec<i64> = self.out.iter().copied().collect();
             let events = self
                 .outbox
-                .fetch_pending(&self.conn.client, max, &out, blocked)
+                .fetch_pending(&self.conn.client, &self.statements, max, &out, blocked)
                 .await?;
             if !events.is_empty() {
                 debug!(count = events.len(), "read pending events");
@@ -151,7 +154,12 @@ impl Source for PollSource {
         }
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
         self.outbox
-            .confirm(&self.conn.client, &seqs, self.config.retention.is_zero())
+            .confirm(
+                &self.conn.client,
+                &self.statements,
+                &seqs,
+                self.config.retention.is_zero(),
+            )
             .await?;
         for seq in seqs {
             self.out.remove(&seq);
