@@ -384,7 +384,7 @@ pub struct WalSource {
     /// Read from the stream and not yet confirmed or dead-lettered, in stream order. The event
     /// itself is kept only while it is not out (parked behind a blocked aggregate, or released
     /// unconfirmed): those are sent again first. Events in flight are the engine's.
-    handed: BTreeMap<i64, Option<OutboxEvent>>,
+    handed: BTreeMap<i64, Option<Box<OutboxEvent>>>,
     /// Of `handed`, those in flight now (handed out and not yet released).
     out: HashSet<i64>,
     attempts: HashMap<i64, u32>,
@@ -904,7 +904,7 @@ impl Source for WalSource {
                     if !self.out.contains(seq)
                         && let Some(e) = kept.take_if(|e| !is_blocked(e))
                     {
-                        batch.push(e);
+                        batch.push(*e);
                     }
                 }
             }
@@ -940,7 +940,7 @@ impl Source for WalSource {
                     && let Some(e) = self.ready.pop_front()
                 {
                     if is_blocked(&e) {
-                        self.handed.insert(e.seq, Some(e));
+                        self.handed.insert(e.seq, Some(Box::new(e)));
                     } else {
                         self.handed.insert(e.seq, None);
                         batch.push(e);
@@ -1096,7 +1096,7 @@ impl Source for WalSource {
         for e in events {
             self.out.remove(&e.seq);
             if let Some(kept) = self.handed.get_mut(&e.seq) {
-                *kept = Some((*e).clone());
+                *kept = Some(Box::new((*e).clone()));
             }
         }
     }
