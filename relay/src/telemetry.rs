@@ -26,7 +26,9 @@ use crate::error::PublishError;
 use crate::event::OutboxEvent;
 
 static PROVIDER: OnceLock<(SdkTracerProvider, SdkTracer)> = OnceLock::new();
-/// Spans go to an exporter: only then are their name and attributes worth building.
+/// Spans go through the SDK: when they are exported (only then are their name and attributes
+/// worth building), or when `OTEL_TRACES_SAMPLER` names a sampler other than the default
+/// parent-based always-on one, which decides the sampled flag the messages carry.
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn init_logging() {
@@ -76,6 +78,10 @@ pub fn init_tracing() -> Result<(), String> {
                 format!("cannot set up the OTLP exporter: {e}; check OTEL_EXPORTER_OTLP_ENDPOINT")
             })?;
         builder = builder.with_batch_exporter(exporter);
+    }
+    let own_sampler = std::env::var("OTEL_TRACES_SAMPLER")
+        .is_ok_and(|s| !s.is_empty() && s != "parentbased_always_on");
+    if export || own_sampler {
         EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let provider = builder.build();
@@ -131,6 +137,8 @@ pub fn start_publish_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishS
 
 /// The writer's context in a W3C `traceparent` (<https://www.w3.org/TR/trace-context/>): its
 /// trace id and whether it was sampled; `None` when the header is not a valid one (a new root).
+/// Field lengths are checked as the specification requires; the SDK's parser is laxer (it
+/// continues e.g. a short trace id or a trailing `-`), so only such malformed headers differ.
 fn parse_traceparent(tp: &str) -> Option<(u128, bool)> {
     let lower_hex = |s: &str, len: usize| {
         s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
