@@ -320,8 +320,11 @@ async fn sigterm_exits_zero(mode: Mode) {
     eprintln!("{mode:?} after SIGTERM and restart: {t:?}");
     t.assert_complete_and_ordered();
     assert_eq!(
-        t.duplicates, 0,
-        "a graceful stop sends nothing twice: {t:?}"
+        t.duplicates,
+        0,
+        "a graceful stop sends nothing twice: {t:?}\nfirst relay:\n{}\nsecond relay:\n{}",
+        relay.logs(),
+        _again.logs()
     );
 }
 

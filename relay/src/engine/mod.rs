@@ -261,20 +261,25 @@ impl Engine<'_> {
             {
                 self.paused_until = None;
             }
-            if !shutdown.is_cancelled() && !leadership.is_cancelled() && self.paused_until.is_none()
-            {
+            // Stopping: nothing new is read, but what was read and waits behind its
+            // aggregate still goes out, so the source can stop where nothing is sent twice.
+            let stopping = shutdown.is_cancelled();
+            if !leadership.is_cancelled() && self.paused_until.is_none() {
                 while self.flights.len() < max_in_flight {
-                    // Wait for new events only when nothing is in flight; otherwise take what
-                    // is there now and go back to the answers.
-                    let wait = self.flights.is_empty().then(|| {
-                        self.aggregates
-                            .next_retry()
-                            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
-                    });
                     let blocked = self.aggregates.blocked();
-                    let batch = source
-                        .next_batch(self.config.poll.batch_size, &blocked, wait, shutdown)
-                        .await?;
+                    let max = self.config.poll.batch_size;
+                    let batch = if stopping {
+                        source.next_read(max, &blocked).await?
+                    } else {
+                        // Wait for new events only when nothing is in flight; otherwise take
+                        // what is there now and go back to the answers.
+                        let wait = self.flights.is_empty().then(|| {
+                            self.aggregates
+                                .next_retry()
+                                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                        });
+                        source.next_batch(max, &blocked, wait, shutdown).await?
+                    };
                     if batch.is_empty() {
                         break;
                     }

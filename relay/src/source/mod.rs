@@ -78,6 +78,18 @@ pub trait Source: Send + Sized {
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;
 
+    /// For a graceful stop: events already read but not yet handed out (those that waited
+    /// behind their aggregate's events in flight, or were released), up to `max`, leaving out
+    /// the aggregates in `blocked`; reads nothing new. Sending them lets a source whose
+    /// position moves only past settled events (wal) stop where nothing sent is sent again.
+    fn next_read(
+        &mut self,
+        _max: usize,
+        _blocked: &Blocked<'_>,
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
     /// The broker confirmed these events.
     fn confirm(
         &mut self,

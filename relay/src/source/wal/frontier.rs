@@ -133,6 +133,17 @@ impl Frontier {
         self.open.is_some()
     }
 
+    /// Only the open transaction's `Commit` holds the position back: every event read so far
+    /// is settled, so reading on to that `Commit` moves the position.
+    pub fn waits_for_commit(&self) -> bool {
+        self.open.is_some() && self.event_txn.is_empty()
+    }
+
+    /// Events read and not yet settled.
+    pub fn unsettled(&self) -> usize {
+        self.event_txn.len()
+    }
+
     /// Nothing open and nothing unsettled.
     pub fn is_idle(&self) -> bool {
         self.txns.is_empty() && self.open.is_none()

@@ -650,6 +650,55 @@ impl WalSource {
             && self.backfill.is_none()
     }
 
+    /// Events kept because they were not sent (parked behind their aggregate, or released),
+    /// oldest first, up to `max`, except those of the aggregates in `blocked`.
+    fn take_kept(&mut self, max: usize, blocked: &Blocked<'_>) -> Vec<OutboxEvent> {
+        let mut batch = Vec::new();
+        if self.handed.len() > self.out.len() {
+            for (seq, kept) in self.handed.iter_mut() {
+                if batch.len() >= max {
+                    break;
+                }
+                if !self.out.contains(seq)
+                    && let Some(e) = kept.take_if(|e| !blocked.contains(e))
+                {
+                    batch.push(*e);
+                }
+            }
+        }
+        batch
+    }
+
+    /// Marks `batch` as out and returns it, except events of aggregates held by a dead letter:
+    /// those wait in the dead-letter table, in order, instead of pinning the slot.
+    async fn hand_out(&mut self, batch: Vec<OutboxEvent>) -> Result<Vec<OutboxEvent>, Error> {
+        // `outbox-relay dead-letters retry|discard` may have released an aggregate since the
+        // last reload: check the table before parking anything.
+        if batch.iter().any(|e| self.held.contains(&KeyRef::of(e))) {
+            self.held = self.outbox.held_aggregates(&self.conn.client).await?;
+            self.held_loaded = Instant::now();
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for event in batch {
+            if self.held.contains(&KeyRef::of(&event)) {
+                self.outbox
+                    .dead_letter(
+                        &self.conn.client,
+                        &event,
+                        "held: an earlier event of this aggregate is in the dead-letter table",
+                        0,
+                        true,
+                    )
+                    .await?;
+                self.settle(event.seq);
+            } else {
+                out.push(event);
+            }
+        }
+        self.out.extend(out.iter().map(|e| e.seq));
+        Ok(out)
+    }
+
     fn handle(&mut self, event: ReplicationEvent) -> Result<(), Error> {
         match event {
             ReplicationEvent::Begin {
@@ -895,19 +944,7 @@ impl Source for WalSource {
             self.housekeeping().await?;
             // Events released unconfirmed go first, in order (not those still out, nor those of
             // an aggregate that waits out a failure).
-            let mut batch: Vec<OutboxEvent> = Vec::new();
-            if self.handed.len() > self.out.len() {
-                for (seq, kept) in self.handed.iter_mut() {
-                    if batch.len() >= max {
-                        break;
-                    }
-                    if !self.out.contains(seq)
-                        && let Some(e) = kept.take_if(|e| !is_blocked(e))
-                    {
-                        batch.push(*e);
-                    }
-                }
-            }
+            let mut batch = self.take_kept(max, blocked);
             // A repair of a lost slot publishes the gap from the table before streaming.
             if self.handed.is_empty() && self.backfill.is_some() {
                 match self.next_backfill(max).await? {
@@ -992,33 +1029,8 @@ impl Source for WalSource {
                     }
                 }
             }
-            // Events of an aggregate held by a dead letter wait in the dead-letter table, in
-            // order, instead of pinning the slot.
-            // `outbox-relay dead-letters retry|discard` may have released an aggregate since
-            // the last reload: check the table before parking anything.
-            if batch.iter().any(|e| self.held.contains(&KeyRef::of(e))) {
-                self.held = self.outbox.held_aggregates(&self.conn.client).await?;
-                self.held_loaded = Instant::now();
-            }
-            let mut out = Vec::with_capacity(batch.len());
-            for event in batch {
-                if self.held.contains(&KeyRef::of(&event)) {
-                    self.outbox
-                        .dead_letter(
-                            &self.conn.client,
-                            &event,
-                            "held: an earlier event of this aggregate is in the dead-letter table",
-                            0,
-                            true,
-                        )
-                        .await?;
-                    self.settle(event.seq);
-                } else {
-                    out.push(event);
-                }
-            }
+            let out = self.hand_out(batch).await?;
             if !out.is_empty() {
-                self.out.extend(out.iter().map(|e| e.seq));
                 return Ok(out);
             }
             if wait_until.is_none_or(|t| t <= Instant::now()) {
@@ -1036,12 +1048,23 @@ impl Source for WalSource {
         }
     }
 
+    async fn next_read(
+        &mut self,
+        max: usize,
+        blocked: &Blocked<'_>,
+    ) -> Result<Vec<OutboxEvent>, Error> {
+        self.conn.ensure_open()?;
+        let batch = self.take_kept(max, blocked);
+        self.hand_out(batch).await
+    }
+
     async fn close(&mut self) {
         // Events are handed out as they arrive, so the last transaction's events may all be
-        // confirmed while its Commit is still unread: read on briefly so the position can pass
-        // it (otherwise the next relay sends that transaction again).
-        let until = Instant::now() + Duration::from_millis(500);
-        while self.frontier.has_open() && Instant::now() < until {
+        // confirmed while its Commit is still unread: read on until it arrives so the position
+        // can pass it (otherwise the next relay sends that transaction again). Bounded: the
+        // whole stop is bounded by `delivery.shutdown_timeout` anyway.
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.frontier.waits_for_commit() && Instant::now() < until {
             let Some(repl) = self.repl.as_mut() else {
                 break;
             };
@@ -1054,6 +1077,11 @@ impl Source for WalSource {
                 _ => break,
             }
         }
+        info!(
+            position = %self.frontier.confirmed(),
+            unsettled = self.frontier.unsettled(),
+            "log tailing stopped; the next relay starts at this position (unsettled events are sent again)"
+        );
         let Some(repl) = self.repl.as_mut() else {
             return;
         };
