@@ -128,11 +128,6 @@ impl Frontier {
         self.advance()
     }
 
-    /// A transaction's `Begin` arrived and its `Commit` has not.
-    pub fn has_open(&self) -> bool {
-        self.open.is_some()
-    }
-
     /// Only the open transaction's `Commit` holds the position back: every event read so far
     /// is settled, so reading on to that `Commit` moves the position.
     pub fn waits_for_commit(&self) -> bool {
