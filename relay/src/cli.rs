@@ -15,7 +15,8 @@ use crate::engine;
 use crate::error::Error;
 use crate::http::{self, Health};
 use crate::ops;
-use crate::store::{self, PgConn};
+use crate::pg::PgConn;
+use crate::store;
 
 #[derive(Debug, Parser)]
 #[command(

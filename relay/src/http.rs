@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, SourceKind};
 use crate::error::Error;
 use crate::metrics as m;
+use crate::pg::PgConn;
 use crate::sink::BrokerProbe;
-use crate::store::{Outbox, PgConn};
+use crate::store::Outbox;
 
 /// What `/readyz` reports; written by the observer and the pipeline.
 #[derive(Debug, Default)]
@@ -156,8 +157,7 @@ pub async fn observe(
             gauge!(m::DEAD_LETTERS).set(stats.dead_letters as f64);
             gauge!(m::HELD_AGGREGATES).set(stats.held_aggregates as f64);
             if config.source == SourceKind::Wal
-                && let Some((lag, retained)) =
-                    crate::source::wal::slot_lag(&c.client, &slot).await?
+                && let Some((lag, retained)) = crate::pg::slot::slot_lag(&c.client, &slot).await?
             {
                 gauge!(m::WAL_LAG).set(lag as f64);
                 gauge!(m::WAL_RETAINED).set(retained as f64);

@@ -8,16 +8,13 @@
 use std::time::Duration;
 
 use tokio_postgres::{Client, Row, Statement};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
-use crate::config::{Config, OutboxConfig, Secret, SourceKind};
+use crate::config::{Config, OutboxConfig, SourceKind};
 use crate::engine::aggregates::Blocked;
-use crate::error::{Error, describe_pg};
+use crate::error::Error;
 use crate::event::{OutboxEvent, parse_headers};
 use crate::ident::{QualifiedName, quote};
-use crate::source::wal;
-use crate::tls::PgTarget;
+use crate::pg::slot;
 
 /// Where log tailing got to for one slot (times as text).
 #[derive(Debug, Clone)]
@@ -89,91 +86,6 @@ const POLL_ONLY: [&str; 3] = ["0002_bookkeeping", "0004_notify", "0008_poll_auto
 
 /// First key of the two-key advisory locks the relay takes (ASCII "obxr").
 pub(crate) const LOCK_CLASS: i32 = 0x6f62_7872;
-
-/// A connection with its driver task. Notifications (LISTEN) arrive on `notifications`.
-pub struct PgConn {
-    pub client: Client,
-    pub notifications: tokio::sync::mpsc::Receiver<()>,
-    closed: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PgConn {
-    /// Connects with a 10 s connect timeout unless the URL sets one.
-    pub async fn connect(url: &Secret) -> Result<Self, Error> {
-        let target = PgTarget::parse(url)?;
-        let tls = target.connector()?;
-        let mut config = target.config;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        config.application_name("outbox-relay");
-        let (client, mut connection) = config.connect(tls).await.map_err(|e| {
-            Error::pg(
-                format!("cannot connect to Postgres at {}", url.redacted()),
-                e,
-            )
-        })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let closed = CancellationToken::new();
-        let closed_flag = closed.clone();
-        let task = tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = futures::StreamExt::next(&mut messages).await {
-                match message {
-                    // Coalesce: one pending wake-up is enough.
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                        let _ = tx.try_send(());
-                    }
-                    Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
-                        debug!(notice = %n.message(), "postgres notice")
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!(error = %describe_pg(&e), "postgres connection lost");
-                        break;
-                    }
-                }
-            }
-            closed_flag.cancel();
-        });
-        Ok(Self {
-            client,
-            notifications: rx,
-            closed,
-            task,
-        })
-    }
-
-    /// A transient error once the connection is gone (and with it any session lock).
-    pub fn ensure_open(&self) -> Result<(), Error> {
-        if self.is_closed() {
-            return Err(Error::Postgres {
-                context: "lost the connection to Postgres".into(),
-                detail: "the leader lock went with it; reconnecting".into(),
-                transient: true,
-            });
-        }
-        Ok(())
-    }
-
-    /// Cancelled when the connection ends (lost, or dropped).
-    pub fn closed_token(&self) -> CancellationToken {
-        self.closed.clone()
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.client.is_closed()
-    }
-}
-
-impl Drop for PgConn {
-    fn drop(&mut self) {
-        self.task.abort();
-        // The session (and any lock it held) ends with the connection.
-        self.closed.cancel();
-    }
-}
 
 /// Which optional columns the table has, and how its payload is stored.
 #[derive(Debug, Clone, Default)]
@@ -320,7 +232,7 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
     }
     if wal {
         let publication = config.wal.publication_name(&cfg.table);
-        ensure_publication(&tx, &publication, &table).await?;
+        slot::ensure_publication(&tx, &publication, &table).await?;
         applied.push(format!("publication {publication}"));
     }
     tx.commit()
@@ -328,7 +240,7 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
         .map_err(|e| Error::pg("migrate: commit failed", e))?;
     if wal {
         let slot = config.wal.slot_name(&cfg.table);
-        wal::check_wal_level(client).await?;
+        slot::check_wal_level(client).await?;
         // A slot that was streamed before (its progress is saved) and is now missing must be
         // recreated by `run`, which first publishes the events of the gap from the table;
         // creating it here would make the relay skip them.
@@ -343,55 +255,15 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
             .await
             .map_err(|e| Error::pg("migrate: cannot read the log-tailing progress", e))?
             .is_some();
-        if streamed_before && !wal::slot_exists(client, &slot).await? {
+        if streamed_before && !slot::slot_exists(client, &slot).await? {
             applied.push(format!(
                 "left replication slot {slot} missing: it was streamed before, so `outbox-relay run` recreates it and first publishes the events of the gap from the table"
             ));
-        } else if wal::ensure_slot(client, &slot).await? {
+        } else if slot::ensure_slot(client, &slot).await? {
             applied.push(format!("created replication slot {slot}"));
         }
     }
     Ok(applied)
-}
-
-/// Creates the publication (inserts only) or adds the table to an existing one.
-async fn ensure_publication(
-    tx: &tokio_postgres::Transaction<'_>,
-    publication: &str,
-    table: &QualifiedName,
-) -> Result<(), Error> {
-    let exists = tx
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::pg("migrate: cannot inspect publications", e))?
-        .is_some();
-    let sql = if !exists {
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert')",
-            quote(publication)
-        )
-    } else if tx
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema_or_public(), &table.name],
-        )
-        .await
-        .map_err(|e| Error::pg("migrate: cannot inspect publication tables", e))?
-        .is_none()
-    {
-        format!("ALTER PUBLICATION {} ADD TABLE {table}", quote(publication))
-    } else {
-        return Ok(());
-    };
-    tx.batch_execute(&sql).await.map_err(|e| {
-        Error::pg(
-            format!("migrate: cannot set up publication `{publication}`"),
-            e,
-        )
-    })
 }
 
 impl Outbox {

@@ -15,7 +15,8 @@ use crate::config::{Config, SourceKind};
 use crate::error::Error;
 use crate::event::{OutboxEvent, parse_headers};
 use crate::ident::{QualifiedName, quote};
-use crate::store::{Outbox, PgConn};
+use crate::pg::PgConn;
+use crate::store::Outbox;
 
 /// The replay progress tables of migration `0005_replays`, next to the outbox table.
 pub(crate) fn replay_tables(table: &QualifiedName) -> (QualifiedName, QualifiedName) {

@@ -48,89 +48,10 @@ use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::{KeyRef, OutboxEvent, parse_headers};
 use crate::ident::QualifiedName;
-use crate::store::{Outbox, PgConn};
-use crate::tls::PgTarget;
-
-/// Fails unless the server can do logical decoding.
-pub async fn check_wal_level(client: &Client) -> Result<(), Error> {
-    let level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(|e| Error::pg("cannot read wal_level", e))?
-        .get(0);
-    if level != "logical" {
-        return Err(Error::Setup(format!(
-            "wal_level is `{level}`, but log tailing needs `logical`: run ALTER SYSTEM SET wal_level = logical and restart Postgres, or use RELAY_SOURCE=poll"
-        )));
-    }
-    Ok(())
-}
-
-pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, Error> {
-    Ok(slot_info(client, slot).await?.is_some())
-}
-
-/// Creates the pgoutput slot when missing; `true` if it was created.
-pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, Error> {
-    if slot_exists(client, slot).await? {
-        return Ok(false);
-    }
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| Error::pg(format!("cannot create replication slot `{slot}`"), e))?;
-    info!(slot, "created logical replication slot");
-    Ok(true)
-}
-
-/// Bytes between the server's WAL position and the slot's confirmed one, and the WAL the slot
-/// retains; `None` when the slot does not exist.
-pub async fn slot_lag(client: &Client, slot: &str) -> Result<Option<(i64, i64)>, Error> {
-    let row = client
-        .query_opt(
-            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
-                    (pg_current_wal_lsn() - restart_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| Error::pg("cannot read the replication slot's position", e))?;
-    Ok(row.map(|r| {
-        (
-            r.get::<_, Option<i64>>(0).unwrap_or(0),
-            r.get::<_, Option<i64>>(1).unwrap_or(0),
-        )
-    }))
-}
-
-struct SlotInfo {
-    plugin: Option<String>,
-    database: Option<String>,
-    active_pid: Option<i32>,
-    wal_status: Option<String>,
-    confirmed_flush: Option<String>,
-}
-
-async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, active_pid, wal_status, confirmed_flush_lsn::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| Error::pg("cannot inspect replication slots", e))?;
-    Ok(row.map(|r| SlotInfo {
-        plugin: r.get(0),
-        database: r.get(1),
-        active_pid: r.get(2),
-        wal_status: r.get(3),
-        confirmed_flush: r.get(4),
-    }))
-}
+use crate::pg::PgConn;
+use crate::pg::slot::{check_wal_level, ensure_slot, slot_info};
+use crate::pg::tls::PgTarget;
+use crate::store::Outbox;
 
 /// The checks of the issue, each with its fix: wal_level, REPLICATION privilege, publication
 /// present and covering the table with inserts, slot usable (created when allowed).

@@ -9,7 +9,6 @@
 //! [`Config::validate`] runs before anything connects, so a bad setting is one clear message.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,64 +20,8 @@ use crate::error::Error;
 use crate::ident::{QualifiedName, validate_ident};
 use crate::template::Template;
 
-/// A value that must never appear in logs, errors or `status` output (passwords in URLs).
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The real value, for handing to a client library. Never format it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// The URL with any password replaced by `***`, for messages.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// Replaces the password of a `scheme://user:password@host/...` URL (and a `password=` pair of a
-/// key/value connection string) with `***`.
-pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        // The password may hold `/`, `?` or `#` unencoded: the user info ends at the last `@`.
-        if let Some(at) = rest.rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|pair| {
-            if pair.to_ascii_lowercase().starts_with("password=") {
-                "password=***".to_string()
-            } else {
-                pair.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+mod secret;
+pub use secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -472,7 +415,7 @@ impl Config {
                 "DATABASE_URL is not set; set it to the service's Postgres, e.g. postgres://relay@127.0.0.1:5432/app".into(),
             );
         }
-        crate::tls::PgTarget::parse(&self.database_url)?;
+        crate::pg::tls::PgTarget::parse(&self.database_url)?;
         QualifiedName::parse(&self.outbox.table)
             .map_err(|e| Error::Config(format!("outbox.table: {e}")))?;
         if let Some(dl) = &self.outbox.dead_letter_table {
@@ -611,33 +554,6 @@ fn describe_figment(e: figment::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords_in_urls() {
-        assert_eq!(
-            redact_url("postgres://relay:s3cret@db:5432/app"),
-            "postgres://relay:***@db:5432/app"
-        );
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact_url("postgres://db/app"), "postgres://db/app");
-        assert_eq!(
-            redact_url("postgres://u:pa/ss?w#x@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(
-            redact_url("host=db password=hunter2 user=x"),
-            "host=db password=*** user=x"
-        );
-    }
-
-    #[test]
-    fn secret_debug_never_shows_the_password() {
-        let s = Secret::new("postgres://u:topsecret@h/db");
-        assert!(!format!("{s:?}").contains("topsecret"));
-    }
 
     #[test]
     fn defaults_validate_once_database_url_is_set() {
