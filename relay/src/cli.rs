@@ -15,8 +15,8 @@ use crate::engine;
 use crate::error::Error;
 use crate::http::{self, Health};
 use crate::ops;
+use crate::outbox;
 use crate::pg::PgConn;
-use crate::store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,7 +50,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
         Command::Run => run(config).await,
         Command::Migrate => {
             let mut conn = PgConn::connect(&config.database_url).await?;
-            let applied = store::migrate(&mut conn.client, &config).await?;
+            let applied = outbox::migrate(&mut conn.client, &config).await?;
             info!(outbox = %config.outbox.table, migrations = ?applied, "outbox schema is up to date");
             println!(
                 "outbox schema for `{}` is up to date ({} migrations applied)",

@@ -57,6 +57,53 @@ pub struct OutboxEvent {
     pub defect: Option<String>,
 }
 
+/// An outbox row's columns as a reader found them, before the relay interprets them: the one
+/// place where a row (from SQL, a decoded WAL insert, an emitted message or a dead letter)
+/// becomes an [`OutboxEvent`]. Missing text columns become empty strings, caught by
+/// [`OutboxEvent::validate`], so a bad row is dead-lettered, not a crash.
+#[derive(Debug, Clone, Default)]
+pub struct RowColumns {
+    pub id: Option<String>,
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    /// The `headers` column as JSON text; parsed here.
+    pub headers: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub created_at_ms: Option<i64>,
+}
+
+impl RowColumns {
+    /// The event at source position `seq`. `defect` is what the reader already found wrong
+    /// (an undecodable payload, a missing id); it wins over a defect of the headers.
+    pub fn into_event(self, seq: i64, defect: Option<String>) -> OutboxEvent {
+        let mut defect = defect;
+        let headers = match self.headers.as_deref().map(parse_headers) {
+            Some(Ok(h)) => h,
+            Some(Err(e)) => {
+                defect.get_or_insert(e);
+                vec![]
+            }
+            None => vec![],
+        };
+        OutboxEvent {
+            seq,
+            id: self.id.unwrap_or_default(),
+            aggregate_type: self.aggregate_type.unwrap_or_default(),
+            aggregate_id: self.aggregate_id.unwrap_or_default(),
+            event_type: self.event_type.unwrap_or_default(),
+            payload: self.payload.unwrap_or_default(),
+            headers,
+            traceparent: self.traceparent,
+            tracestate: self.tracestate,
+            created_at_ms: self.created_at_ms,
+            defect,
+        }
+    }
+}
+
 /// Headers every message carries (DESIGN.md), in this order, before the row's own headers.
 pub const STANDARD_HEADERS: [&str; 6] = [
     "id",
@@ -140,7 +187,7 @@ impl OutboxEvent {
 
 /// Flattens the row's `headers` JSON object into string pairs; non-string values keep their
 /// JSON text. Anything but an object is an error.
-pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, String> {
+fn parse_headers(json: &str) -> Result<Vec<(String, String)>, String> {
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("headers are not valid JSON: {e}"))?;
     match value {

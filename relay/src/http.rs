@@ -23,9 +23,9 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, SourceKind};
 use crate::error::Error;
 use crate::metrics as m;
+use crate::outbox::Outbox;
 use crate::pg::PgConn;
 use crate::sink::BrokerProbe;
-use crate::store::Outbox;
 
 /// What `/readyz` reports; written by the observer and the pipeline.
 #[derive(Debug, Default)]

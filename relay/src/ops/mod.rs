@@ -7,7 +7,7 @@
 //!   daemon uses; its progress lives in `<table>_replays` / `<table>_replay_items`, advanced
 //!   only after the broker confirmed, so an interrupted replay resumes without sending twice.
 //! - `purge` deletes with one statement per batch; in poll mode the daemon's retention cleanup
-//!   and `purge --older-than` run the same statement ([`crate::store::Outbox::cleanup`]).
+//!   and `purge --older-than` run the same statement ([`crate::outbox::Outbox::cleanup`]).
 //! - `dead-letters retry` in poll mode moves dead letters back into the outbox in one
 //!   transaction, at their original `relay_seq`, so the daemon publishes them before the held
 //!   events behind them; in wal mode it publishes them itself (see [`dead_letters`]).

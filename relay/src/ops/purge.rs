@@ -13,8 +13,8 @@
 //! - `--dead-letters` deletes dead letters instead (by `dead_at`), after a confirmation, and
 //!   releases the aggregates they held.
 //!
-//! [`Outbox::past_retention`]: crate::store::Outbox::past_retention
-//! [`Outbox::cleanup`]: crate::store::Outbox::cleanup
+//! [`Outbox::past_retention`]: crate::outbox::Outbox::past_retention
+//! [`Outbox::cleanup`]: crate::outbox::Outbox::cleanup
 
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::error::Error;
-use crate::store::{CLEANUP_BATCH, retention_interval};
+use crate::outbox::{CLEANUP_BATCH, retention_interval};
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {

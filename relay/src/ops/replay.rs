@@ -32,8 +32,8 @@ use super::{SelectionArgs, format_age, format_ms, invalid, publish_ordered, rend
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::outbox::LOCK_CLASS;
 use crate::sink::AnySink;
-use crate::store::LOCK_CLASS;
 use crate::template::Template;
 
 /// The header every replayed message carries: the replay id.

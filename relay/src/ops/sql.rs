@@ -5,23 +5,16 @@
 //! Identifiers come from configuration and are always emitted quoted ([`crate::ident`]);
 //! values from the command line are always bind parameters, never spliced.
 
-use std::collections::HashMap;
-
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 use super::invalid;
 use crate::config::{Config, SourceKind};
 use crate::error::Error;
-use crate::event::{OutboxEvent, parse_headers};
-use crate::ident::{QualifiedName, quote};
+use crate::event::{OutboxEvent, RowColumns};
+use crate::ident::QualifiedName;
+use crate::outbox::{Outbox, TableShape, replay_tables};
 use crate::pg::PgConn;
-use crate::store::Outbox;
-
-/// The replay progress tables of migration `0005_replays`, next to the outbox table.
-pub(crate) fn replay_tables(table: &QualifiedName) -> (QualifiedName, QualifiedName) {
-    (table.sibling("_replays"), table.sibling("_replay_items"))
-}
 
 /// A selection, parsed and checked: ids canonical, times in ms since the epoch.
 #[derive(Debug, Clone, Default)]
@@ -70,17 +63,6 @@ pub(crate) struct OpsTable {
     pub poll: bool,
     pub replays: QualifiedName,
     pub replay_items: QualifiedName,
-    /// Column name (unquoted) → SQL type as `format_type` prints it.
-    types: HashMap<String, String>,
-    id: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_type: String,
-    payload: String,
-    headers: Option<String>,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-    created_at: Option<String>,
 }
 
 impl OpsTable {
@@ -90,40 +72,8 @@ impl OpsTable {
         let conn = PgConn::connect(&config.database_url).await?;
         let poll = config.source == SourceKind::Poll;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, poll).await?;
-        let rows = conn
-            .client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
-                 FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&outbox.table.to_string()],
-            )
-            .await
-            .map_err(|e| {
-                Error::pg(
-                    format!("cannot inspect table `{}`", outbox.table.display()),
-                    e,
-                )
-            })?;
-        let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let c = &config.outbox.columns;
-        let optional = |name: &str| types.contains_key(name).then(|| quote(name));
-        let created_at = types
-            .get(&c.created_at)
-            .filter(|t| t.starts_with("timestamp"))
-            .map(|_| quote(&c.created_at));
         let (replays, replay_items) = replay_tables(&outbox.table);
         Ok(Self {
-            id: quote(&c.id),
-            aggregate_type: quote(&c.aggregate_type),
-            aggregate_id: quote(&c.aggregate_id),
-            event_type: quote(&c.event_type),
-            payload: quote(&c.payload),
-            headers: optional(&c.headers),
-            traceparent: optional(&c.traceparent),
-            tracestate: optional(&c.tracestate),
-            created_at,
-            types,
             conn,
             outbox,
             poll,
@@ -144,93 +94,54 @@ impl OpsTable {
         &self.outbox.dead_letters
     }
 
+    fn shape(&self) -> &TableShape {
+        &self.outbox.shape
+    }
+
     /// Quoted column names: id, aggregate_type, aggregate_id, event_type, payload.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.shape().id.quoted
     }
     pub fn aggregate_type(&self) -> &str {
-        &self.aggregate_type
+        &self.shape().aggregate_type.quoted
     }
     pub fn aggregate_id(&self) -> &str {
-        &self.aggregate_id
+        &self.shape().aggregate_id.quoted
     }
     pub fn event_type(&self) -> &str {
-        &self.event_type
+        &self.shape().event_type.quoted
     }
     pub fn payload(&self) -> &str {
-        &self.payload
+        &self.shape().payload.quoted
     }
     /// Quoted names of the optional columns the table has.
     pub fn headers(&self) -> Option<&str> {
-        self.headers.as_deref()
+        self.shape().headers.as_ref().map(|c| c.quoted.as_str())
     }
     pub fn traceparent(&self) -> Option<&str> {
-        self.traceparent.as_deref()
+        self.shape().traceparent.as_ref().map(|c| c.quoted.as_str())
     }
     pub fn tracestate(&self) -> Option<&str> {
-        self.tracestate.as_deref()
+        self.shape().tracestate.as_ref().map(|c| c.quoted.as_str())
     }
     pub fn created_at(&self) -> Option<&str> {
-        self.created_at.as_deref()
+        self.shape().created_at.as_ref().map(|c| c.quoted.as_str())
     }
 
     /// The SQL type of a column (by its quoted name), e.g. `uuid`, `jsonb`,
     /// `character varying(255)`; it comes from the catalog, never from the user.
     pub fn type_of(&self, quoted: &str) -> &str {
-        let name = quoted.trim_matches('"').replace("\"\"", "\"");
-        self.types.get(&name).map(String::as_str).unwrap_or("text")
+        self.shape().type_of(quoted)
     }
 
-    /// The nine event columns read by [`Self::event_from_row`], from the table aliased `o`.
+    /// The event columns read by [`Self::event_from_row`], from the table aliased `o`.
     pub fn event_columns(&self) -> String {
-        let text = |col: Option<&str>| match col {
-            Some(c) => format!("o.{c}::text"),
-            None => "NULL::text".into(),
-        };
-        let payload = if self.type_of(&self.payload) == "bytea" {
-            format!("o.{}", self.payload)
-        } else {
-            format!("convert_to(o.{}::text, 'UTF8')", self.payload)
-        };
-        let created = match &self.created_at {
-            Some(c) => format!("(extract(epoch FROM o.{c}) * 1000)::bigint"),
-            None => "NULL::bigint".into(),
-        };
-        format!(
-            "o.{}::text, o.{}::text, o.{}::text, o.{}::text, {payload}, {}, {}, {}, {created}",
-            self.id,
-            self.aggregate_type,
-            self.aggregate_id,
-            self.event_type,
-            text(self.headers.as_deref()),
-            text(self.traceparent.as_deref()),
-            text(self.tracestate.as_deref()),
-        )
+        self.shape().event_columns("o")
     }
 
-    /// The event in columns `first..first + 9` of `row` (see [`Self::event_columns`]).
+    /// The event in columns `first..` of `row` (see [`Self::event_columns`]).
     pub fn event_from_row(row: &Row, first: usize, seq: i64) -> OutboxEvent {
-        let text = |i: usize| row.get::<_, Option<String>>(first + i).unwrap_or_default();
-        let (headers, defect) = match row.get::<_, Option<String>>(first + 5) {
-            Some(h) => match parse_headers(&h) {
-                Ok(h) => (h, None),
-                Err(e) => (vec![], Some(e)),
-            },
-            None => (vec![], None),
-        };
-        OutboxEvent {
-            seq,
-            id: text(0),
-            aggregate_type: text(1),
-            aggregate_id: text(2),
-            event_type: text(3),
-            payload: row.get::<_, Option<Vec<u8>>>(first + 4).unwrap_or_default(),
-            headers,
-            traceparent: row.get(first + 6),
-            tracestate: row.get(first + 7),
-            created_at_ms: row.get(first + 8),
-            defect,
-        }
+        TableShape::decode(row, first, seq)
     }
 
     /// Outbox order, table aliased `o`: `relay_seq` in poll mode; in wal mode (no bookkeeping)
@@ -239,7 +150,7 @@ impl OpsTable {
         if self.poll {
             return Ok("o.relay_seq".into());
         }
-        match &self.created_at {
+        match self.created_at() {
             Some(c) => Ok(format!("o.{c}, o.ctid")),
             None => Err(invalid(format!(
                 "the outbox table `{}` has no `{}` column of a timestamp type, so the order of its rows is unknown in wal mode and it cannot be replayed; add the column (timestamptz NOT NULL DEFAULT now()) or set outbox.columns.created_at",
@@ -249,11 +160,8 @@ impl OpsTable {
         }
     }
 
-    fn created_at_name(&self) -> String {
-        self.created_at
-            .as_deref()
-            .map(|c| c.trim_matches('"').to_string())
-            .unwrap_or_else(|| "created_at".into())
+    fn created_at_name(&self) -> &str {
+        &self.shape().created_at_name
     }
 
     /// The selection as conditions on the outbox aliased `o`.
@@ -266,19 +174,19 @@ impl OpsTable {
         if !filter.ids.is_empty() {
             let p = params.push(filter.ids.clone());
             // Cast the list, not the column, so the primary key index is used.
-            let id_type = self.type_of(&self.id).to_string();
-            out.push(format!("o.{} = ANY({p}::text[]::{id_type}[])", self.id));
+            let id_type = self.type_of(self.id()).to_string();
+            out.push(format!("o.{} = ANY({p}::text[]::{id_type}[])", self.id()));
         }
         if let Some(t) = &filter.aggregate_type {
             let p = params.push(t.clone());
-            out.push(format!("o.{}::text = {p}", self.aggregate_type));
+            out.push(format!("o.{}::text = {p}", self.aggregate_type()));
         }
         if let Some(a) = &filter.aggregate_id {
             let p = params.push(a.clone());
-            out.push(format!("o.{}::text = {p}", self.aggregate_id));
+            out.push(format!("o.{}::text = {p}", self.aggregate_id()));
         }
         if filter.since_ms.is_some() || filter.until_ms.is_some() {
-            let Some(created) = &self.created_at else {
+            let Some(created) = self.created_at() else {
                 return Err(invalid(format!(
                     "--since/--until select by creation time, but the outbox table `{}` has no `{}` timestamp column; select by --id or --aggregate-type/--aggregate-id, or set outbox.columns.created_at",
                     self.table().display(),
@@ -303,7 +211,7 @@ impl OpsTable {
         if ids.is_empty() {
             return Ok(vec![]);
         }
-        if self.type_of(&self.id) == "uuid" {
+        if self.type_of(self.id()) == "uuid" {
             let bad: Vec<String> = ids
                 .iter()
                 .filter(|id| uuid::Uuid::parse_str(id).is_err())
@@ -316,13 +224,13 @@ impl OpsTable {
                 )));
             }
         }
-        let id_type = self.type_of(&self.id);
+        let id_type = self.type_of(self.id());
         let rows = self
             .client()
             .query(
                 &format!(
                     "SELECT o.{id}::text FROM {table} o WHERE o.{id} = ANY($1::text[]::{id_type}[])",
-                    id = self.id,
+                    id = self.id(),
                     table = self.table(),
                 ),
                 &[&ids],
@@ -373,7 +281,7 @@ impl OpsTable {
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND l.classid = ($1::int4)::oid AND l.objid = hashtext($2)::oid \
                  LIMIT 1",
-                &[&crate::store::LOCK_CLASS, &self.outbox.lock_key],
+                &[&crate::outbox::LOCK_CLASS, &self.outbox.lock_key],
             )
             .await
             .map_err(|e| Error::pg("cannot read pg_locks", e))?;
@@ -460,25 +368,17 @@ impl DeadLetter {
 
     /// The event as the daemon would have published it.
     pub fn event(&self) -> OutboxEvent {
-        let (headers, defect) = match &self.headers {
-            Some(h) => match parse_headers(h) {
-                Ok(h) => (h, None),
-                Err(e) => (vec![], Some(e)),
-            },
-            None => (vec![], None),
-        };
-        OutboxEvent {
-            seq: self.position,
-            id: self.event_id.clone(),
-            aggregate_type: self.aggregate_type.clone(),
-            aggregate_id: self.aggregate_id.clone(),
-            event_type: self.event_type.clone(),
-            payload: self.payload.clone(),
-            headers,
+        RowColumns {
+            id: Some(self.event_id.clone()),
+            aggregate_type: Some(self.aggregate_type.clone()),
+            aggregate_id: Some(self.aggregate_id.clone()),
+            event_type: Some(self.event_type.clone()),
+            payload: Some(self.payload.clone()),
+            headers: self.headers.clone(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
             created_at_ms: self.created_at_ms,
-            defect,
         }
+        .into_event(self.position, None)
     }
 }

@@ -25,8 +25,8 @@ use crate::config::Config;
 use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::OutboxEvent;
+use crate::outbox::Outbox;
 use crate::pg::PgConn;
-use crate::store::Outbox;
 
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
 /// `Ok(false)` when shut down first; an error when the connection is lost.

@@ -23,8 +23,8 @@ use crate::config::{Config, PollConfig};
 use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::OutboxEvent;
+use crate::outbox::{Outbox, PollStatements};
 use crate::pg::PgConn;
-use crate::store::{Outbox, PollStatements};
 
 pub struct PollSource {
     conn: PgConn,

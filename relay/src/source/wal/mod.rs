@@ -30,108 +30,33 @@ use std::collections::{BTreeMap, VecDeque};
 
 use hashbrown::{HashMap, HashSet};
 
+mod decode;
 pub mod frontier;
+mod setup;
+
+use self::decode::{ColumnMap, emitted_event};
+use self::setup::check_setup;
 
 use self::frontier::{Confirmed, Frontier};
 use std::time::{Duration, Instant};
 
 use pgwire_replication::client::ReplicationEvent;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
-use tokio_postgres::Client;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Source;
-use super::pgoutput::{self, BYTEA_OID, Message, Relation, Value};
-use crate::config::{ColumnsConfig, Config};
+use super::pgoutput::{self, Message};
+use crate::config::Config;
 use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::{KeyRef, OutboxEvent, parse_headers};
-use crate::ident::QualifiedName;
-use crate::pg::PgConn;
-use crate::pg::slot::{check_wal_level, ensure_slot, slot_info};
-use crate::pg::tls::PgTarget;
-use crate::store::Outbox;
+use crate::event::{KeyRef, OutboxEvent};
 
-/// The checks of the issue, each with its fix: wal_level, REPLICATION privilege, publication
-/// present and covering the table with inserts, slot usable (created when allowed).
-async fn check_setup(client: &Client, config: &Config, table: &QualifiedName) -> Result<(), Error> {
-    check_wal_level(client).await?;
-    let row = client
-        .query_one(
-            "SELECT current_user::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::pg("cannot read the role's attributes", e))?;
-    let (role, can_replicate): (String, bool) = (row.get(0), row.get(1));
-    if !can_replicate {
-        return Err(Error::Setup(format!(
-            "role `{role}` may not use replication; grant it with ALTER ROLE {role} REPLICATION (or use RELAY_SOURCE=poll)"
-        )));
-    }
-    let publication = config.wal.publication_name(&config.outbox.table);
-    let pubinsert: Option<bool> = client
-        .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::pg("cannot inspect publications", e))?
-        .map(|r| r.get(0));
-    match pubinsert {
-        None => {
-            return Err(Error::Setup(format!(
-                "publication `{publication}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish = 'insert')",
-                table.display()
-            )));
-        }
-        Some(false) => {
-            return Err(Error::Setup(format!(
-                "publication `{publication}` does not publish inserts; ALTER PUBLICATION {publication} SET (publish = 'insert')"
-            )));
-        }
-        Some(true) => {}
-    }
-    let covered = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.schema_or_public(), &table.name],
-        )
-        .await
-        .map_err(|e| Error::pg("cannot inspect publication tables", e))?
-        .is_some();
-    if !covered {
-        return Err(Error::Setup(format!(
-            "publication `{publication}` does not cover table `{}`; ALTER PUBLICATION {publication} ADD TABLE {}, or run `outbox-relay migrate` with RELAY_SOURCE=wal",
-            table.display(),
-            table.display()
-        )));
-    }
-    let slot = config.wal.slot_name(&config.outbox.table);
-    // A missing or invalidated slot is handled by the active instance (`prepare_slot`).
-    let Some(info) = slot_info(client, &slot).await? else {
-        return Ok(());
-    };
-    if info.plugin.as_deref() != Some("pgoutput") {
-        return Err(Error::Setup(format!(
-            "replication slot `{slot}` uses plugin `{}`, not pgoutput; drop it or set wal.slot to another name",
-            info.plugin.unwrap_or_default()
-        )));
-    }
-    let db: String = client
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .map_err(|e| Error::pg("cannot read the database name", e))?
-        .get(0);
-    if info.database.as_deref() != Some(db.as_str()) {
-        return Err(Error::Setup(format!(
-            "replication slot `{slot}` belongs to database `{}`, not `{db}`; set wal.slot to a slot of this database",
-            info.database.unwrap_or_default()
-        )));
-    }
-    Ok(())
-}
+use crate::outbox::Outbox;
+use crate::pg::PgConn;
+use crate::pg::slot::{ensure_slot, slot_info};
+use crate::pg::tls::PgTarget;
 
 /// Only refused credentials are final here: a slot that was dropped or invalidated while
 /// streaming is repaired on reconnect (`prepare_slot`), and a missing publication is reported
@@ -146,148 +71,6 @@ fn replication_error(e: PgWireError) -> Error {
         context: "logical replication failed".into(),
         detail: text,
         transient: !permanent,
-    }
-}
-
-/// Column positions of the outbox table in its Relation message.
-#[derive(Debug, Clone)]
-struct ColumnMap {
-    id: usize,
-    aggregate_type: usize,
-    aggregate_id: usize,
-    event_type: usize,
-    payload: usize,
-    payload_bytea: bool,
-    headers: Option<usize>,
-    traceparent: Option<usize>,
-    tracestate: Option<usize>,
-    created_at: Option<usize>,
-}
-
-impl ColumnMap {
-    fn new(rel: &Relation, c: &ColumnsConfig) -> Result<Self, Error> {
-        let find = |name: &str| rel.columns.iter().position(|col| col.name == name);
-        let need = |setting: &str, name: &str| {
-            find(name).ok_or_else(|| {
-                Error::Setup(format!(
-                    "the replicated table `{}.{}` has no column `{name}` (outbox.columns.{setting})",
-                    rel.namespace, rel.name
-                ))
-            })
-        };
-        let payload = need("payload", &c.payload)?;
-        Ok(Self {
-            id: need("id", &c.id)?,
-            aggregate_type: need("aggregate_type", &c.aggregate_type)?,
-            aggregate_id: need("aggregate_id", &c.aggregate_id)?,
-            event_type: need("event_type", &c.event_type)?,
-            payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
-            payload,
-            headers: find(&c.headers),
-            traceparent: find(&c.traceparent),
-            tracestate: find(&c.tracestate),
-            created_at: find(&c.created_at),
-        })
-    }
-
-    fn event(&self, seq: i64, values: &[Value]) -> OutboxEvent {
-        let text = |i: usize| match values.get(i) {
-            Some(Value::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        };
-        let opt = |i: Option<usize>| i.and_then(text);
-        let mut defect = None;
-        let payload = match values.get(self.payload) {
-            Some(Value::Text(b)) if self.payload_bytea => pgoutput::bytea_from_text(b)
-                .unwrap_or_else(|e| {
-                    defect = Some(e);
-                    Vec::new()
-                }),
-            Some(Value::Text(b)) => b.clone(),
-            _ => Vec::new(),
-        };
-        let headers = match opt(self.headers) {
-            Some(h) => parse_headers(&h).unwrap_or_else(|e| {
-                defect.get_or_insert(e);
-                vec![]
-            }),
-            None => vec![],
-        };
-        OutboxEvent {
-            seq,
-            id: text(self.id).unwrap_or_default(),
-            aggregate_type: text(self.aggregate_type).unwrap_or_default(),
-            aggregate_id: text(self.aggregate_id).unwrap_or_default(),
-            event_type: text(self.event_type).unwrap_or_default(),
-            payload,
-            headers,
-            traceparent: opt(self.traceparent),
-            tracestate: opt(self.tracestate),
-            created_at_ms: opt(self.created_at).and_then(|t| pgoutput::timestamptz_millis(&t)),
-            defect,
-        }
-    }
-}
-
-/// The JSON of a `pg_logical_emit_message` event: the same fields as a row.
-#[derive(Debug, serde::Deserialize)]
-struct EmittedEvent {
-    id: Option<String>,
-    aggregate_type: Option<String>,
-    aggregate_id: Option<String>,
-    event_type: Option<String>,
-    payload: Option<serde_json::Value>,
-    #[serde(default)]
-    headers: Option<serde_json::Value>,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-}
-
-fn emitted_event(seq: i64, lsn: Lsn, content: &[u8]) -> OutboxEvent {
-    let fallback_id = format!("lsn-{lsn}");
-    match serde_json::from_slice::<EmittedEvent>(content) {
-        Ok(m) => {
-            let mut defect = None;
-            let headers = match m.headers {
-                Some(h) => parse_headers(&h.to_string()).unwrap_or_else(|e| {
-                    defect = Some(e);
-                    vec![]
-                }),
-                None => vec![],
-            };
-            if m.id.is_none() {
-                defect = Some("emitted message has no `id`".into());
-            }
-            OutboxEvent {
-                seq,
-                id: m.id.unwrap_or(fallback_id),
-                aggregate_type: m.aggregate_type.unwrap_or_default(),
-                aggregate_id: m.aggregate_id.unwrap_or_default(),
-                event_type: m.event_type.unwrap_or_default(),
-                payload: m
-                    .payload
-                    .map(|p| p.to_string().into_bytes())
-                    .unwrap_or_default(),
-                headers,
-                traceparent: m.traceparent,
-                tracestate: m.tracestate,
-                created_at_ms: None,
-                defect,
-            }
-        }
-        Err(e) => OutboxEvent {
-            seq,
-            id: fallback_id,
-            aggregate_type: String::new(),
-            aggregate_id: String::new(),
-            event_type: String::new(),
-            payload: content.to_vec(),
-            headers: vec![],
-            traceparent: None,
-            tracestate: None,
-            created_at_ms: None,
-            defect: Some(format!("emitted message is not an event JSON object: {e}")),
-        },
     }
 }
 
@@ -1103,31 +886,5 @@ impl Drop for WalSource {
         if let Some(repl) = &self.repl {
             repl.stop();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn emitted_message_becomes_an_event_or_a_defect() {
-        let ok = emitted_event(
-            1,
-            Lsn(42),
-            br#"{"id":"e1","aggregate_type":"wallet","aggregate_id":"w1","event_type":"CardAdded","payload":{"a":1},"headers":{"tenant":"t"}}"#,
-        );
-        assert_eq!(ok.id, "e1");
-        assert_eq!(ok.payload, br#"{"a":1}"#);
-        assert_eq!(ok.headers, vec![("tenant".to_string(), "t".to_string())]);
-        assert!(ok.validate().is_ok());
-        let bad = emitted_event(2, Lsn(43), b"not json");
-        assert!(bad.validate().is_err());
-        let no_id = emitted_event(
-            3,
-            Lsn(44),
-            br#"{"aggregate_type":"w","aggregate_id":"1","event_type":"E","payload":{}}"#,
-        );
-        assert!(no_id.validate().unwrap_err().contains("no `id`"));
     }
 }

@@ -1,0 +1,110 @@
+//! Where log tailing got to, saved in the outbox's `_relay_progress` table next to the slot.
+//!
+//! The slot's own position is not enough: it is lost with the slot (dropped, invalidated for
+//! retaining too much WAL, or not carried over by a failover), and Postgres may move it back
+//! after a crash. The saved row outlives all of those; its commit time is where a repair of a
+//! lost slot starts reading the table, and the cluster's system identifier tells a copy of the
+//! row in another cluster (a restored backup) from our own.
+
+use tokio_postgres::Client;
+
+use super::Outbox;
+use crate::error::Error;
+use crate::ident::QualifiedName;
+
+/// Where log tailing got to for one slot (times as text).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub confirmed_lsn: String,
+    /// Commit time of the newest confirmed transaction: where a repair of a lost slot starts.
+    pub commit_time: String,
+    /// Set while a repair is publishing the gap from the table.
+    pub backfill_from: Option<String>,
+    /// Written by this very cluster and not ahead of its WAL: a copy of the database in
+    /// another cluster carries the row along, with an LSN that means nothing there.
+    pub trusted: bool,
+}
+
+/// The statements on the progress table.
+#[derive(Debug, Clone)]
+pub(super) struct ProgressSql {
+    load: String,
+    save: String,
+    backfill: String,
+}
+
+impl ProgressSql {
+    pub(super) fn new(progress: &QualifiedName) -> Self {
+        Self {
+            load: format!(
+                "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text, \
+                        system_identifier IS NOT DISTINCT FROM \
+                            (SELECT system_identifier::text FROM pg_control_system()) \
+                        AND confirmed_lsn <= pg_current_wal_flush_lsn() \
+                 FROM {progress} WHERE slot_name = $1"
+            ),
+            save: format!(
+                "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time, system_identifier) \
+                 VALUES ($1, $2::text::pg_lsn, to_timestamp($3::float8 / 1000), \
+                     (SELECT system_identifier::text FROM pg_control_system())) \
+                 ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
+                     commit_time = EXCLUDED.commit_time, \
+                     system_identifier = EXCLUDED.system_identifier, updated_at = now()"
+            ),
+            backfill: format!(
+                "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
+            ),
+        }
+    }
+}
+
+impl Outbox {
+    /// Wal mode's saved position of `slot`.
+    pub async fn load_progress(
+        &self,
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<Progress>, Error> {
+        let row = client
+            .query_opt(&self.progress.load, &[&slot])
+            .await
+            .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
+        Ok(row.map(|r| Progress {
+            confirmed_lsn: r.get(0),
+            commit_time: r.get(1),
+            backfill_from: r.get(2),
+            trusted: r.get::<_, Option<bool>>(3).unwrap_or(false),
+        }))
+    }
+
+    pub async fn save_progress(
+        &self,
+        client: &Client,
+        slot: &str,
+        lsn: &str,
+        commit_time_ms: i64,
+    ) -> Result<(), Error> {
+        client
+            .execute(
+                &self.progress.save,
+                &[&slot, &lsn, &(commit_time_ms as f64)],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
+        Ok(())
+    }
+
+    /// Records (or with `None` clears) an unfinished repair starting at `from`.
+    pub async fn set_backfill(
+        &self,
+        client: &Client,
+        slot: &str,
+        from: Option<&str>,
+    ) -> Result<(), Error> {
+        client
+            .execute(&self.progress.backfill, &[&slot, &from])
+            .await
+            .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
+        Ok(())
+    }
+}
