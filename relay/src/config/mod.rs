@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::ident::{QualifiedName, validate_ident};
 use crate::template::Template;
 
-mod secret;
+pub mod secret;
 pub use secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::config::DeliveryConfig;
 use crate::event::OutboxEvent;
+use crate::source::Blocked;
 
 pub use crate::event::{AggregateKey, KeyRef, key_of};
 
@@ -150,8 +151,8 @@ impl Aggregates {
     /// Aggregates the next batch leaves out: those waiting out a failure, and those with events
     /// in flight (an aggregate is in one batch at a time, so a later batch can never reach the
     /// broker ahead of an earlier one that fails).
-    pub fn blocked(&self) -> Blocked<'_> {
-        Blocked(&self.states)
+    pub fn blocked(&self) -> BlockedView<'_> {
+        BlockedView(&self.states)
     }
 
     /// How many aggregates wait out a failure.
@@ -185,7 +186,7 @@ impl Aggregates {
 
 /// The aggregates a read leaves out, seen through the engine's bookkeeping (no copy per read).
 #[derive(Clone, Copy)]
-pub struct Blocked<'a>(&'a hashbrown::HashMap<AggregateKey, State>);
+pub struct BlockedView<'a>(&'a hashbrown::HashMap<AggregateKey, State>);
 
 impl State {
     fn blocks_reads(&self) -> bool {
@@ -193,18 +194,20 @@ impl State {
     }
 }
 
-impl Blocked<'_> {
-    pub fn contains(&self, event: &OutboxEvent) -> bool {
+impl Blocked for BlockedView<'_> {
+    fn contains(&self, event: &OutboxEvent) -> bool {
         self.0
             .get(&KeyRef::of(event))
             .is_some_and(State::blocks_reads)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &AggregateKey> {
-        self.0
-            .iter()
-            .filter(|(_, s)| s.blocks_reads())
-            .map(|(k, _)| k)
+    fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_> {
+        Box::new(
+            self.0
+                .iter()
+                .filter(|(_, s)| s.blocks_reads())
+                .map(|(k, _)| k),
+        )
     }
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::engine::aggregates::Blocked;
 use crate::event::{AggregateKey, OutboxEvent};
+use crate::source::Blocked;
 
 /// What the fake broker and the fake table saw, shared with the test.
 #[derive(Debug, Default)]
@@ -70,7 +70,7 @@ impl Source for MemorySource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &Blocked<'_>,
+        blocked: &dyn Blocked,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {

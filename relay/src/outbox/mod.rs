@@ -10,9 +10,8 @@ use std::time::Duration;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::OutboxConfig;
-use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::OutboxEvent;
+use crate::event::{AggregateKey, OutboxEvent};
 use crate::ident::{QualifiedName, quote};
 
 mod migrate;
@@ -288,13 +287,12 @@ impl Outbox {
         statements: &PollStatements,
         limit: usize,
         out: &[i64],
-        blocked: &Blocked<'_>,
+        blocked: impl Iterator<Item = &AggregateKey>,
     ) -> Result<Vec<OutboxEvent>, Error> {
         // One text key per aggregate, `<chars in type>:<type><id>` (unambiguous), so that the
         // planner hashes the list: an anti-join over thousands of (type, id) pairs was a nested
         // loop per row and made a spread backlog drain at a tenth of its rate.
         let keys: Vec<String> = blocked
-            .keys()
             .map(|(t, i)| format!("{}:{t}{i}", t.chars().count()))
             .collect();
         let rows = client

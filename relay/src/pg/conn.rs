@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::tls::PgTarget;
-use crate::config::Secret;
+use crate::config::secret::Secret;
 use crate::error::{Error, describe_pg};
 
 /// A connection with its driver task. Notifications (LISTEN) arrive on `notifications`.

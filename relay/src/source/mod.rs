@@ -22,11 +22,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
-use crate::engine::aggregates::Blocked;
 use crate::error::Error;
-use crate::event::OutboxEvent;
+use crate::event::{AggregateKey, OutboxEvent};
 use crate::outbox::Outbox;
 use crate::pg::PgConn;
+
+/// The aggregates a read must leave out (their events are in flight, or they wait out a
+/// failure). The engine implements it over its per-aggregate bookkeeping, so a read copies
+/// nothing; `Sync` so that a source's future holding it stays `Send`.
+pub trait Blocked: Sync {
+    fn contains(&self, event: &OutboxEvent) -> bool;
+    /// Every blocked aggregate (the polling read leaves them out in SQL).
+    fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
+}
 
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
 /// `Ok(false)` when shut down first; an error when the connection is lost.
@@ -74,7 +82,7 @@ pub trait Source: Send + Sized {
     fn next_batch(
         &mut self,
         max: usize,
-        blocked: &Blocked<'_>,
+        blocked: &dyn Blocked,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send;
@@ -86,7 +94,7 @@ pub trait Source: Send + Sized {
     fn next_read(
         &mut self,
         _max: usize,
-        _blocked: &Blocked<'_>,
+        _blocked: &dyn Blocked,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send {
         async { Ok(Vec::new()) }
     }

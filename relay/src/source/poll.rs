@@ -18,9 +18,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Source;
+use super::{Blocked, Source};
 use crate::config::{Config, PollConfig};
-use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::OutboxEvent;
 use crate::outbox::{Outbox, PollStatements};
@@ -111,7 +110,7 @@ impl Source for PollSource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &Blocked<'_>,
+        blocked: &dyn Blocked,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
@@ -129,7 +128,13 @@ impl Source for PollSource {
             let out: Vec<i64> = self.out.iter().copied().collect();
             let events = self
                 .outbox
-                .fetch_pending(&self.conn.client, &self.statements, max, &out, blocked)
+                .fetch_pending(
+                    &self.conn.client,
+                    &self.statements,
+                    max,
+                    &out,
+                    blocked.keys(),
+                )
                 .await?;
             if !events.is_empty() {
                 debug!(count = events.len(), "read pending events");

@@ -9,10 +9,10 @@
 
 use pgwire_replication::Lsn;
 
-use super::super::pgoutput::{self, BYTEA_OID, Relation, Value};
 use crate::config::ColumnsConfig;
 use crate::error::Error;
 use crate::event::{OutboxEvent, RowColumns};
+use crate::source::pgoutput::{self, BYTEA_OID, Relation, Value};
 
 /// Column positions of the outbox table in its Relation message.
 #[derive(Debug, Clone)]

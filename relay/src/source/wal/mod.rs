@@ -46,10 +46,9 @@ use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig}
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Source;
 use super::pgoutput::{self, Message};
+use super::{Blocked, Source};
 use crate::config::Config;
-use crate::engine::aggregates::Blocked;
 use crate::error::Error;
 use crate::event::{KeyRef, OutboxEvent};
 
@@ -356,7 +355,7 @@ impl WalSource {
 
     /// Events kept because they were not sent (parked behind their aggregate, or released),
     /// oldest first, up to `max`, except those of the aggregates in `blocked`.
-    fn take_kept(&mut self, max: usize, blocked: &Blocked<'_>) -> Vec<OutboxEvent> {
+    fn take_kept(&mut self, max: usize, blocked: &dyn Blocked) -> Vec<OutboxEvent> {
         let mut batch = Vec::new();
         if self.handed.len() > self.out.len() {
             for (seq, kept) in self.handed.iter_mut() {
@@ -631,7 +630,7 @@ impl Source for WalSource {
     async fn next_batch(
         &mut self,
         max: usize,
-        blocked: &Blocked<'_>,
+        blocked: &dyn Blocked,
         wait_until: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxEvent>, Error> {
@@ -755,7 +754,7 @@ impl Source for WalSource {
     async fn next_read(
         &mut self,
         max: usize,
-        blocked: &Blocked<'_>,
+        blocked: &dyn Blocked,
     ) -> Result<Vec<OutboxEvent>, Error> {
         self.conn.ensure_open()?;
         let batch = self.take_kept(max, blocked);
