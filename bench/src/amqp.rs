@@ -18,8 +18,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
+use crate::ctx::Seen;
+use crate::pg::now_us;
 use crate::pg::{self, AGGREGATE_TYPE, EVENT_TYPE, TRACEPARENT};
-use crate::{Seen, now_us};
 
 /// Publisher confirms outstanding at once in the ceiling run.
 const IN_FLIGHT: usize = 5_000;

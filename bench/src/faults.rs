@@ -20,12 +20,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::pg::{self, BenchDb};
+use crate::combo::{Combo, SinkKind};
+use crate::ctx::Ctx;
+use crate::latency::PacedRun;
+use crate::pg::{self, BenchDb, now_us};
 use crate::relay::{self, Setup};
 use crate::report::{Isolation, KillRun};
 use crate::stats;
 use crate::workload::OrderCheck;
-use crate::{Ctx, PacedRun, SinkKind, amqp, kafka, now_us};
+use crate::{amqp, kafka};
 
 /// Aggregate type of the failing aggregate: its own topic (Kafka) or routing key (RabbitMQ).
 const FAILING_TYPE: &str = "bench_fail";
@@ -38,7 +41,7 @@ const DEFAULT_BATCH_SIZE: usize = 1000;
 
 /// The failure-isolation run of one combination, in a database of its own; the database, topic
 /// or exchange and queues are removed whatever the outcome.
-pub async fn isolation(ctx: &mut Ctx, combo: crate::Combo) -> Result<Isolation> {
+pub async fn isolation(ctx: &mut Ctx, combo: Combo) -> Result<Isolation> {
     let label = format!("{}_iso", combo.label());
     let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
     let mut setup = ctx.setup(combo, &db, "iso");
@@ -252,7 +255,7 @@ async fn isolation_on(
 }
 
 /// The SIGKILL run of one combination, in a database of its own.
-pub async fn kills(ctx: &mut Ctx, combo: crate::Combo) -> Result<KillRun> {
+pub async fn kills(ctx: &mut Ctx, combo: Combo) -> Result<KillRun> {
     let label = format!("{}_kill", combo.label());
     let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
     let setup = ctx.setup(combo, &db, "kill");

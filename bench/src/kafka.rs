@@ -17,8 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use uuid::Uuid;
 
+use crate::ctx::Seen;
+use crate::pg::now_us;
 use crate::pg::{self, AGGREGATE_TYPE, EVENT_TYPE, TRACEPARENT};
-use crate::{Seen, now_us};
 
 pub const PARTITIONS: i32 = 3;
 

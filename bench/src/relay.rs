@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{Combo, SinkKind, SourceKind};
+use crate::combo::{Combo, SinkKind, SourceKind};
 
 /// Everything that names one relay set-up.
 #[derive(Debug, Clone)]
@@ -125,6 +125,10 @@ pub struct Relay {
 pub struct Footprint {
     pub peak_rss_kib: u64,
     pub cpu_seconds: f64,
+}
+
+pub(crate) fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 impl Relay {

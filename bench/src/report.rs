@@ -301,6 +301,13 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// `host:port` of a URL, without credentials.
+fn config_host(url: &str) -> String {
+    let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|x| x.1).unwrap_or(rest);
+    rest.split('/').next().unwrap_or_default().to_string()
+}
+
 /// What the numbers came from.
 pub async fn machine(pg_admin_url: &str, amqp_url: &str) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -336,7 +343,7 @@ pub async fn machine(pg_admin_url: &str, amqp_url: &str) -> Machine {
         kernel: sh("uname", &["-sr"]),
         postgres,
         rabbitmq: match sh("rabbitmqctl", &["version"]) {
-            v if v.is_empty() => format!("RabbitMQ at {}", crate::config_host(amqp_url)),
+            v if v.is_empty() => format!("RabbitMQ at {}", config_host(amqp_url)),
             v => format!("RabbitMQ {v}"),
         },
         kafka_broker: {
