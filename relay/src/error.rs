@@ -3,19 +3,49 @@
 
 use std::fmt;
 
-/// A failure that stops a command or the daemon. `Display` is the one message a user sees.
+/// What a caller does about an [`Error`], decided once, where the error arises (from the
+/// SQLSTATE, the client library's error type or the check that failed), never from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Goes away by itself (connection lost, server restarting, lock busy, leadership lost):
+    /// the daemon retries with backoff and keeps running.
+    Transient,
+    /// Will not go away by retrying, and no setting names the fix (a statement the server
+    /// rejects): stop with the message.
+    Permanent,
+    /// A setting, or the set-up of the database or the broker, must change; the message says
+    /// which and how.
+    Configuration,
+    /// The command line asked for something that cannot be done (an unknown id, a bad flag
+    /// value, a missing `--yes`).
+    Operator,
+}
+
+/// A failure that stops a command or the daemon. `Display` is the one message a user sees;
+/// the underlying client error, where there is one, stays reachable as its `source`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// Bad configuration or environment: fix the setting named in the message.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// Postgres refused or lost a request. `transient` when retrying can help.
+    /// Postgres refused or lost a request.
     #[error("{context}: {detail}")]
     Postgres {
         context: String,
         detail: String,
-        transient: bool,
+        kind: ErrorKind,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+    /// The logical replication connection failed.
+    #[error("{context}: {source}")]
+    Replication {
+        context: String,
+        kind: ErrorKind,
+        #[source]
+        source: pgwire_replication::PgWireError,
     },
     /// The database is reachable but not set up as the relay needs (missing table, column,
     /// privilege, ...). The message says how to fix it.
@@ -24,26 +54,48 @@ pub enum Error {
     /// The broker cannot be used (unreachable at start-up, refused credentials, missing exchange).
     #[error("{0}")]
     Broker(String),
+    /// An operator command was asked for something it cannot do; the message says why.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Error {
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::Postgres {
-                transient: true,
-                ..
-            }
-        )
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) | Error::Setup(_) | Error::Broker(_) => ErrorKind::Configuration,
+            Error::Postgres { kind, .. } | Error::Replication { kind, .. } => *kind,
+            Error::Invalid(_) => ErrorKind::Operator,
+        }
     }
 
-    /// Wraps a tokio-postgres error with what the relay was doing.
+    pub fn is_transient(&self) -> bool {
+        self.kind() == ErrorKind::Transient
+    }
+
+    /// Wraps a tokio-postgres error with what the relay was doing; its kind comes from the
+    /// SQLSTATE ([`is_transient_pg`]).
     pub fn pg(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
-        let transient = is_transient_pg(&e);
+        let kind = if is_transient_pg(&e) {
+            ErrorKind::Transient
+        } else {
+            ErrorKind::Permanent
+        };
         Error::Postgres {
             context: context.into(),
             detail: describe_pg(&e),
-            transient,
+            kind,
+            source: Some(e),
+        }
+    }
+
+    /// A condition of the Postgres session that a reconnect fixes (the connection, and with it
+    /// the leader lock, is gone).
+    pub fn pg_transient(context: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Postgres {
+            context: context.into(),
+            detail: detail.into(),
+            kind: ErrorKind::Transient,
+            source: None,
         }
     }
 }

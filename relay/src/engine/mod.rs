@@ -317,11 +317,10 @@ impl Engine<'_> {
                     return Ok(());
                 }
                 if leadership.is_cancelled() {
-                    return Err(Error::Postgres {
-                        context: "lost the leader lock".into(),
-                        detail: "the connection that held it is gone; standing by again".into(),
-                        transient: true,
-                    });
+                    return Err(Error::pg_transient(
+                        "lost the leader lock",
+                        "the connection that held it is gone; standing by again",
+                    ));
                 }
                 if let Some(until) = self.paused_until {
                     tokio::select! {

@@ -168,7 +168,7 @@ impl SelectionArgs {
 
 /// An operator mistake: the message says what is wrong and what to do.
 pub(crate) fn invalid(message: impl Into<String>) -> Error {
-    Error::Setup(message.into())
+    Error::Invalid(message.into())
 }
 
 /// A duration such as `90s`, `2h`, `7d`, `1h 30m`.

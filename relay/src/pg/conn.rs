@@ -73,11 +73,10 @@ impl PgConn {
     /// A transient error once the connection is gone (and with it any session lock).
     pub fn ensure_open(&self) -> Result<(), Error> {
         if self.is_closed() {
-            return Err(Error::Postgres {
-                context: "lost the connection to Postgres".into(),
-                detail: "the leader lock went with it; reconnecting".into(),
-                transient: true,
-            });
+            return Err(Error::pg_transient(
+                "lost the connection to Postgres",
+                "the leader lock went with it; reconnecting",
+            ));
         }
         Ok(())
     }

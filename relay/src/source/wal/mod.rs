@@ -43,13 +43,14 @@ use std::time::{Duration, Instant};
 use pgwire_replication::client::ReplicationEvent;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::pgoutput::{self, Message};
 use super::{Blocked, Source};
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::event::{KeyRef, OutboxEvent};
 
 use crate::outbox::Outbox;
@@ -57,20 +58,40 @@ use crate::pg::PgConn;
 use crate::pg::slot::{ensure_slot, slot_info};
 use crate::pg::tls::PgTarget;
 
-/// Only refused credentials are final here: a slot that was dropped or invalidated while
-/// streaming is repaired on reconnect (`prepare_slot`), and a missing publication is reported
-/// by the set-up checks of that reconnect.
+/// Only refused credentials or rights are final here: a slot that was dropped or invalidated
+/// while streaming is repaired on reconnect (`prepare_slot`), and a missing publication is
+/// reported by the set-up checks of that reconnect.
 fn replication_error(e: PgWireError) -> Error {
-    let text = e.to_string();
-    // Refused credentials or rights (SQLSTATE 28xxx, 42xxx) will not fix themselves.
-    let permanent = matches!(e, PgWireError::Auth(_))
-        || (matches!(e, PgWireError::Server(_))
-            && (text.contains("(SQLSTATE 28") || text.contains("(SQLSTATE 42")));
-    Error::Postgres {
+    let refused = match &e {
+        PgWireError::Auth(_) => true,
+        // Class 28 (invalid authorization) and 42 (access rule violation) will not fix
+        // themselves; everything else from the server (shutdown, conflict, slot gone) may.
+        PgWireError::Server(_) => replication_sqlstate(&e).is_some_and(|code| {
+            let class = &code.code()[..2];
+            class == "28" || class == "42"
+        }),
+        _ => false,
+    };
+    Error::Replication {
         context: "logical replication failed".into(),
-        detail: text,
-        transient: !permanent,
+        kind: if refused {
+            ErrorKind::Configuration
+        } else {
+            ErrorKind::Transient
+        },
+        source: e,
     }
+}
+
+/// The SQLSTATE of a server error on the replication connection. pgwire-replication 0.5
+/// keeps only the message and code of the server's ErrorResponse, formatted as
+/// `<message> (SQLSTATE <code>)`: the code is read back from that one fixed place.
+fn replication_sqlstate(e: &PgWireError) -> Option<SqlState> {
+    let PgWireError::Server(text) = e else {
+        return None;
+    };
+    let code = text.rsplit_once("(SQLSTATE ")?.1.strip_suffix(')')?;
+    (code.len() == 5).then(|| SqlState::from_code(code))
 }
 
 pub struct WalSource {
@@ -724,11 +745,10 @@ impl Source for WalSource {
                         }
                     }
                     None => {
-                        return Err(Error::Postgres {
-                            context: "logical replication stream ended".into(),
-                            detail: "the server closed it; reconnecting".into(),
-                            transient: true,
-                        });
+                        return Err(Error::pg_transient(
+                            "logical replication stream ended",
+                            "the server closed it; reconnecting",
+                        ));
                     }
                 }
             }
