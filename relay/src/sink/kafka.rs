@@ -448,6 +448,7 @@ impl Sink for KafkaSink {
             }
         }
         let reports = self.reports.clone();
+        let template = self.topic.clone();
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
             let mut tally = PublishTally::new("kafka");
@@ -469,7 +470,9 @@ impl Sink for KafkaSink {
                         (result, span, Some(topic))
                     }
                 };
-                span.end(&result, topic.as_deref().unwrap_or(""), &mut tally);
+                // Failures are counted by kind only; the topic names a success's series.
+                let label = topic.as_deref().map_or("", |t| template.metric_label(t));
+                span.end(&result, label, &mut tally);
                 results.push(result);
             }
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
