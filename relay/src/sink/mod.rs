@@ -1,4 +1,5 @@
-//! Sinks: where events go. One file per broker.
+//! Sinks: where events go. One folder per broker ([`kafka`], [`amqp`]), each owning its
+//! settings and their validation.
 //!
 //! The contract every sink keeps (and the engine relies on):
 //! - `send` hands the events to the broker's client in the order given and resolves once they

@@ -6,6 +6,10 @@
 //! before the `ack` and makes the publish a permanent failure, and a `nack` a transient one:
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
+//!
+//! The `[rabbitmq]` settings and their validation live next to it, in [`config`].
+
+pub mod config;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +21,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{info, warn};
 
+use self::config::RabbitmqConfig;
 use super::{Confirmations, InFlight, Sink};
-use crate::config::RabbitmqConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::metrics::PublishTally;
@@ -27,6 +31,8 @@ use crate::template::Template;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The RabbitMQ [`Sink`]: one connection and one confirm-mode channel, replaced only once
+/// nothing is in flight on them.
 pub struct AmqpSink {
     config: RabbitmqConfig,
     routing_key: Template,

@@ -7,6 +7,10 @@
 //!
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
+//!
+//! The `[kafka]` settings and their validation live next to it, in [`config`].
+
+pub mod config;
 
 use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +26,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
+use self::config::KafkaConfig;
 use super::{Confirmations, InFlight, Sink};
-use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::metrics::PublishTally;
@@ -45,6 +49,8 @@ enum TopicState {
     Unclear(String),
 }
 
+/// The Kafka [`Sink`]: one idempotent producer, replaced only when the broker no longer
+/// accepts its identity and nothing is in flight on it.
 pub struct KafkaSink {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
@@ -67,7 +73,9 @@ struct Reports {
     renew: bool,
 }
 
-/// The producer settings of DESIGN.md; `kafka.properties` are applied last and may add TLS/SASL.
+/// The producer settings the delivery guarantees rest on (`acks=all`, the idempotent
+/// producer); `kafka.properties` are applied last and may add TLS/SASL (the guarantee-critical
+/// ones are refused by [`KafkaConfig::validate`]).
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
@@ -93,6 +101,8 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 impl KafkaSink {
+    /// Creates the producer and fetches the cluster's metadata once: unreachable brokers or
+    /// bad `kafka.properties` are start-up errors.
     pub async fn connect(config: &KafkaConfig) -> Result<Self, Error> {
         let client_config = client_config(config);
         let producer: FutureProducer = client_config.create().map_err(|e| {
