@@ -7,9 +7,11 @@
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
 //!
-//! The `[rabbitmq]` settings and their validation live next to it, in [`config`].
+//! The `[rabbitmq]` settings and their validation live next to it, in [`config`], and the
+//! `/readyz` check in [`probe`].
 
 pub mod config;
+pub mod probe;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

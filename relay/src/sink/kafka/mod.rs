@@ -8,9 +8,12 @@
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
 //!
-//! The `[kafka]` settings and their validation live next to it, in [`config`].
+//! The `[kafka]` settings and their validation live next to it, in [`config`], and the
+//! `/readyz` check in [`probe`]; the probe shares [`client_config`], so it talks to the
+//! brokers exactly as the sink does (TLS, SASL and all).
 
 pub mod config;
+pub mod probe;
 
 use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
