@@ -1,5 +1,5 @@
 //! Sinks: where events go. One folder per broker ([`kafka`], [`amqp`]), each owning its
-//! settings, their validation and its readiness probe.
+//! settings, their validation, its readiness probe and replay's destination override.
 //!
 //! The contract every sink keeps (and the engine relies on):
 //! - `send` hands the events to the broker's client in the order given and resolves once they

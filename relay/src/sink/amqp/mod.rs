@@ -7,10 +7,12 @@
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
 //!
-//! The `[rabbitmq]` settings and their validation live next to it, in [`config`], and the
-//! `/readyz` check in [`probe`].
+//! Everything the relay knows about RabbitMQ lives in this folder: the `[rabbitmq]` settings
+//! and their validation ([`config`]), the `/readyz` check ([`probe`]) and where `replay` may
+//! send instead ([`destination`]).
 
 pub mod config;
+pub mod destination;
 pub mod probe;
 
 use std::sync::Arc;

@@ -8,11 +8,13 @@
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
 //!
-//! The `[kafka]` settings and their validation live next to it, in [`config`], and the
-//! `/readyz` check in [`probe`]; the probe shares [`client_config`], so it talks to the
-//! brokers exactly as the sink does (TLS, SASL and all).
+//! Everything the relay knows about Kafka lives in this folder: the `[kafka]` settings and
+//! their validation ([`config`]), the `/readyz` check ([`probe`]) and where `replay` may send
+//! instead ([`destination`]). They share [`client_config`], so the probe and replay's topic
+//! check talk to the brokers exactly as the sink does (TLS, SASL and all).
 
 pub mod config;
+pub mod destination;
 pub mod probe;
 
 use hashbrown::{HashMap, HashSet};
