@@ -22,7 +22,7 @@ use crate::{Seen, now_us};
 
 pub const PARTITIONS: i32 = 3;
 
-/// The relay's producer settings (`relay/src/sink/kafka.rs`, `client_config`).
+/// The relay's producer settings (`relay/src/sink/kafka/mod.rs`, `client_config`).
 fn producer_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
