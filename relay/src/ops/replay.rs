@@ -11,10 +11,11 @@
 //!   `created_at` order, so a table without `created_at` cannot be replayed in wal mode.
 //!   Dead-lettered events are never replayed (`dead-letters retry` is for them).
 //! - Messages are the ones the daemon would send (same id, key, headers), plus a `replay`
-//!   header carrying the replay id, through the same [`Sink`]; `--topic`/`--exchange` send
-//!   them elsewhere.
-//! - Order per aggregate: each batch goes out in waves ([`crate::pipeline::waves`]), so an
-//!   event is only sent once the previous one of its aggregate is confirmed.
+//!   header carrying the replay id, through the same [`Sink`](crate::sink::Sink);
+//!   `--topic`/`--exchange` send them elsewhere (each sink's `destination` module).
+//! - Order per aggregate: each batch goes out in one send on the sink's ordered path
+//!   (`engine::publish_ordered`); once an event of an aggregate failed, its later
+//!   events of the batch count as failed too, so progress stops before the first failure.
 //! - Resumable: the selection is frozen when the replay starts; progress (`last_ord`) is saved
 //!   after every confirmed batch. Ctrl-C (or SIGTERM) finishes the batch in flight, saves, and
 //!   prints the `--resume` command; resuming sends exactly the items after `last_ord`. A crash
