@@ -109,6 +109,7 @@ impl Sink for AnySink {
 /// `/readyz`; the sink's own connection may be idle or busy). Each broker's check lives in its
 /// folder: [`kafka::probe`], [`amqp::probe`].
 pub enum BrokerProbe {
+    /// A metadata request on a client of its own.
     Kafka(kafka::probe::KafkaProbe),
     /// Boxed: it holds a whole lapin connection, and there is one probe per process.
     Rabbitmq(Box<amqp::probe::AmqpProbe>),

@@ -11,7 +11,8 @@
 //! round trip or times out; it is dropped, which closes it, and a new connection is tried in
 //! the same check, so a broker that is back is ready at once. A link that hangs without an
 //! error is bounded by the timeout, not by AMQP heartbeats
-//! (<https://www.rabbitmq.com/docs/heartbeats>), which take far longer to notice.
+//! (<https://www.rabbitmq.com/docs/heartbeats>), which take far longer to notice; such a check
+//! takes up to three timeouts (the round trip, a new connection, its round trip).
 
 use std::time::Duration;
 
