@@ -14,6 +14,7 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use rdkafka::mocking::MockCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::support::proxy::Proxy;
 use crate::support::*;
 
 /// A minimal OTLP/HTTP (JSON) receiver: keeps every span it is sent.
@@ -319,5 +320,60 @@ async fn metrics_match_the_events_sent_and_readyz_follows_the_broker() {
         })
         .await,
         "not ready again after the broker came back"
+    );
+}
+
+/// `/readyz` checks RabbitMQ with a round trip on one connection of its own, every 2 s, not
+/// with a new connection each time; it follows a cut network and recovers on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_checks_rabbitmq_on_one_kept_connection_and_follows_the_broker() {
+    let proxy = Proxy::start(5672).await;
+    let mut s = Scenario::new(Broker::Rabbitmq).await;
+    s.extra_env.push((
+        "RELAY_AMQP_URL".into(),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+    ));
+    s.migrate();
+    let relay = s.start_relay();
+    let base = relay.http_base().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let (status, body) = http_get(&format!("{base}/readyz")).await;
+            status == 200 && body.contains("\"active\":true")
+        })
+        .await,
+        "never ready and active: {}",
+        http_get(&format!("{base}/readyz")).await.1
+    );
+    // The sink's connection and the probe's are open; idle checks must open no more.
+    let before = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        proxy.accepted(),
+        before,
+        "connections were opened while idle: the probe must reuse its connection"
+    );
+    assert_eq!(http_get(&format!("{base}/readyz")).await.0, 200);
+
+    proxy.down();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            http_get(&format!("{base}/readyz")).await.0 == 503
+        })
+        .await,
+        "still ready with the network to RabbitMQ cut"
+    );
+    let (_, body) = http_get(&format!("{base}/readyz")).await;
+    assert!(
+        body.contains("\"broker\":false") && body.contains("\"database\":true"),
+        "{body}"
+    );
+    proxy.up();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            http_get(&format!("{base}/readyz")).await.0 == 200
+        })
+        .await,
+        "not ready again after the network came back"
     );
 }

@@ -54,6 +54,9 @@ pub enum Error {
     /// The broker cannot be used (unreachable at start-up, refused credentials, missing exchange).
     #[error("{0}")]
     Broker(String),
+    /// The topic or exchange an event or a command is sent to does not exist on the broker.
+    #[error("{0}")]
+    MissingDestination(String),
     /// An operator command was asked for something it cannot do; the message says why.
     #[error("{0}")]
     Invalid(String),
@@ -62,7 +65,10 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) | Error::Setup(_) | Error::Broker(_) => ErrorKind::Configuration,
+            Error::Config(_)
+            | Error::Setup(_)
+            | Error::Broker(_)
+            | Error::MissingDestination(_) => ErrorKind::Configuration,
             Error::Postgres { kind, .. } | Error::Replication { kind, .. } => *kind,
             Error::Invalid(_) => ErrorKind::Operator,
         }

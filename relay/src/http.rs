@@ -136,7 +136,7 @@ pub async fn observe(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let probe = BrokerProbe::new(&config);
+    let mut probe = BrokerProbe::new(&config);
     let slot = config.wal.slot_name(&config.outbox.table);
     let mut conn: Option<(PgConn, Outbox)> = None;
     loop {

@@ -127,7 +127,10 @@ impl PublishTally {
         }
     }
 
-    /// Counts the answer for one event sent to `destination` (topic or exchange).
+    /// Counts the answer for one event sent to `destination`, the `destination` label: the
+    /// exchange (RabbitMQ) or the topic's bounded label (Kafka,
+    /// [`Template::metric_label`](crate::template::Template::metric_label)). It must come
+    /// from a bounded set: every distinct value is a time series kept for the process's life.
     pub fn record(
         &mut self,
         destination: &str,

@@ -251,8 +251,8 @@ fn exported_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishSpan {
 }
 
 impl PublishSpan {
-    /// Ends the span with the broker's answer for the message sent to `destination` (topic or
-    /// exchange), and counts the answer in `tally`.
+    /// Ends the span with the broker's answer, and counts the answer in `tally` under the
+    /// metric label `destination` (see [`crate::metrics::PublishTally::record`]).
     pub fn end(
         self,
         result: &Result<(), PublishError>,

@@ -3,7 +3,7 @@
 //! broker state (tansu's in-memory storage would be lost if the broker itself stopped).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -12,6 +12,7 @@ pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -21,12 +22,15 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let (cut, cuts) = watch::channel(0u64);
         let accepting = up.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !accepting.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                counted.fetch_add(1, Ordering::SeqCst);
                 let mut cuts = cuts.clone();
                 // Only cuts after this connection was accepted end it.
                 cuts.borrow_and_update();
@@ -41,7 +45,17 @@ impl Proxy {
                 });
             }
         });
-        Self { port, up, cut }
+        Self {
+            port,
+            up,
+            cut,
+            accepted,
+        }
+    }
+
+    /// Connections let through so far (refused ones, while down, are not counted).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn down(&self) {

@@ -8,7 +8,6 @@
 //! Unknown keys in the file are errors (a typo must not silently fall back to a default), and
 //! [`Config::validate`] runs before anything connects, so a bad setting is one clear message.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -18,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::ident::{QualifiedName, validate_ident};
-use crate::template::Template;
+use crate::sink::amqp::config::RabbitmqConfig;
+use crate::sink::kafka::config::KafkaConfig;
 
 pub mod secret;
 pub use secret::Secret;
@@ -61,7 +61,9 @@ pub struct Config {
     pub poll: PollConfig,
     pub wal: WalConfig,
     pub delivery: DeliveryConfig,
+    /// `[kafka]`, owned by the Kafka sink.
     pub kafka: KafkaConfig,
+    /// `[rabbitmq]`, owned by the RabbitMQ sink.
     pub rabbitmq: RabbitmqConfig,
     pub http: HttpConfig,
 }
@@ -285,69 +287,6 @@ impl Default for DeliveryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// Bootstrap servers (`RELAY_KAFKA_BROKERS`).
-    pub brokers: String,
-    /// Topic template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
-    pub topic: String,
-    /// Create a missing topic instead of failing its events.
-    pub create_topics: bool,
-    pub partitions: i32,
-    pub replication_factor: i32,
-    /// How long librdkafka keeps retrying one message before the relay sees a failure.
-    #[serde(with = "humantime_serde")]
-    pub message_timeout: Duration,
-    /// Extra librdkafka settings (`security.protocol`, `linger.ms`, ...), applied last.
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        Self {
-            brokers: "127.0.0.1:9092".into(),
-            topic: "outbox.event.{aggregate_type}".into(),
-            create_topics: false,
-            partitions: 3,
-            replication_factor: 1,
-            message_timeout: Duration::from_secs(30),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RabbitmqConfig {
-    /// `RELAY_AMQP_URL`.
-    pub url: Secret,
-    pub exchange: String,
-    /// Declare the (durable, topic) exchange at start-up; when false it must already exist.
-    pub declare_exchange: bool,
-    /// Routing key template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
-    pub routing_key: String,
-    /// How long to wait for a broker confirmation before counting the publish as failed.
-    #[serde(with = "humantime_serde")]
-    pub confirm_timeout: Duration,
-    /// Largest body the broker takes (RabbitMQ's `max_message_size`, 128 MiB by default);
-    /// larger events are dead-lettered instead of breaking the channel.
-    pub max_message_size: usize,
-}
-
-impl Default for RabbitmqConfig {
-    fn default() -> Self {
-        Self {
-            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            exchange: "outbox".into(),
-            declare_exchange: true,
-            routing_key: "{aggregate_type}.{event_type}".into(),
-            confirm_timeout: Duration::from_secs(30),
-            max_message_size: 128 * 1024 * 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz` (`RELAY_HTTP_ADDR`).
     pub addr: String,
@@ -469,47 +408,10 @@ impl Config {
                 "delivery.backoff_initial must be > 0 and not above delivery.backoff_max".into(),
             );
         }
+        // Each sink validates its own section (`sink/<broker>/config.rs`).
         match self.sink {
-            SinkKind::Kafka => {
-                if self.kafka.brokers.trim().is_empty() {
-                    return bad(
-                        "RELAY_KAFKA_BROKERS is empty; set it to the bootstrap servers, e.g. 127.0.0.1:9092".into(),
-                    );
-                }
-                Template::parse(&self.kafka.topic)
-                    .map_err(|e| Error::Config(format!("kafka.topic: {e}")))?;
-                for guarded in [
-                    "acks",
-                    "enable.idempotence",
-                    "max.in.flight.requests.per.connection",
-                ] {
-                    if self.kafka.properties.contains_key(guarded) {
-                        return bad(format!(
-                            "kafka.properties.{guarded} cannot be changed: the relay's delivery guarantees depend on it (acks=all, idempotent producer)"
-                        ));
-                    }
-                }
-                if self.kafka.partitions < 1 {
-                    return bad("kafka.partitions must be at least 1".into());
-                }
-                if self.kafka.replication_factor < 1 {
-                    return bad("kafka.replication_factor must be at least 1".into());
-                }
-            }
-            SinkKind::Rabbitmq => {
-                let url = self.rabbitmq.url.expose();
-                if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                    return bad(format!(
-                        "RELAY_AMQP_URL `{}` must start with amqp:// or amqps://",
-                        self.rabbitmq.url.redacted()
-                    ));
-                }
-                if self.rabbitmq.exchange.is_empty() {
-                    return bad("rabbitmq.exchange must not be empty (the default exchange cannot route by template)".into());
-                }
-                Template::parse(&self.rabbitmq.routing_key)
-                    .map_err(|e| Error::Config(format!("rabbitmq.routing_key: {e}")))?;
-            }
+            SinkKind::Kafka => self.kafka.validate()?,
+            SinkKind::Rabbitmq => self.rabbitmq.validate()?,
         }
         if self.http.enabled_addr().is_some()
             && self.http.addr.parse::<std::net::SocketAddr>().is_err()

@@ -11,10 +11,11 @@
 //!   `created_at` order, so a table without `created_at` cannot be replayed in wal mode.
 //!   Dead-lettered events are never replayed (`dead-letters retry` is for them).
 //! - Messages are the ones the daemon would send (same id, key, headers), plus a `replay`
-//!   header carrying the replay id, through the same [`Sink`]; `--topic`/`--exchange` send
-//!   them elsewhere.
-//! - Order per aggregate: each batch goes out in waves ([`crate::pipeline::waves`]), so an
-//!   event is only sent once the previous one of its aggregate is confirmed.
+//!   header carrying the replay id, through the same [`Sink`](crate::sink::Sink);
+//!   `--topic`/`--exchange` send them elsewhere (each sink's `destination` module).
+//! - Order per aggregate: each batch goes out in one send on the sink's ordered path
+//!   (`engine::publish_ordered`); once an event of an aggregate failed, its later
+//!   events of the batch count as failed too, so progress stops before the first failure.
 //! - Resumable: the selection is frozen when the replay starts; progress (`last_ord`) is saved
 //!   after every confirmed batch. Ctrl-C (or SIGTERM) finishes the batch in flight, saves, and
 //!   prints the `--resume` command; resuming sends exactly the items after `last_ord`. A crash
@@ -33,8 +34,8 @@ use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::outbox::LOCK_CLASS;
-use crate::sink::AnySink;
-use crate::template::Template;
+use crate::sink::{AnySink, amqp, kafka};
+use crate::template::{Placeholder, Template};
 
 /// The header every replayed message carries: the replay id.
 pub const REPLAY_HEADER: &str = "replay";
@@ -98,10 +99,10 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<(), Error> {
         _ => {}
     }
     if let Some(topic) = &args.topic {
-        Template::parse(topic).map_err(|e| invalid(format!("--topic: {e}")))?;
+        kafka::destination::parse_override(topic).map_err(invalid)?;
     }
-    if args.exchange.as_deref().is_some_and(str::is_empty) {
-        return Err(invalid("--exchange must not be empty"));
+    if let Some(exchange) = &args.exchange {
+        amqp::destination::parse_override(exchange).map_err(invalid)?;
     }
     if args.resume.is_none() && args.selection.is_empty() && !args.all {
         return Err(invalid(
@@ -163,19 +164,16 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<(), Error> {
     send(&t, &mut sink, record, &args).await
 }
 
-/// The config with `--topic`/`--exchange` applied. An explicit destination is never created:
-/// it must exist, which is checked before anything is sent.
+/// The config with `--topic`/`--exchange` applied (each sink's `destination` module says what
+/// an override changes). An explicit destination is never created: it must exist, which is
+/// checked before anything is sent.
 fn target_config(config: &Config, destination: Option<&str>) -> Config {
     let mut c = config.clone();
     if let Some(d) = destination {
         match c.sink {
-            SinkKind::Kafka => {
-                c.kafka.topic = d.to_string();
-                c.kafka.create_topics = false;
-            }
+            SinkKind::Kafka => c.kafka = kafka::destination::with_override(&config.kafka, d),
             SinkKind::Rabbitmq => {
-                c.rabbitmq.exchange = d.to_string();
-                c.rabbitmq.declare_exchange = false;
+                c.rabbitmq = amqp::destination::with_override(&config.rabbitmq, d)
             }
         }
     }
@@ -183,17 +181,14 @@ fn target_config(config: &Config, destination: Option<&str>) -> Config {
 }
 
 async fn connect(config: &Config, explicit: bool) -> Result<AnySink, Error> {
-    AnySink::connect(config).await.map_err(|e| {
-        let text = e.to_string();
-        if explicit && config.sink == SinkKind::Rabbitmq && text.contains("does not exist") {
-            invalid(format!(
-                "--exchange `{}` does not exist on RabbitMQ; create it (a durable topic exchange) first",
-                config.rabbitmq.exchange
-            ))
-        } else {
-            e
-        }
-    })
+    AnySink::connect(config)
+        .await
+        .map_err(|e| match config.sink {
+            SinkKind::Rabbitmq => {
+                amqp::destination::explain_connect_error(&config.rabbitmq, explicit, e)
+            }
+            SinkKind::Kafka => e,
+        })
 }
 
 /// Unknown ids and (poll) ids of events not published yet are errors: one message for all.
@@ -297,25 +292,15 @@ async fn count(t: &OpsTable, conditions: &[String], params: &Params) -> Result<M
 
 fn describe_destination(config: &Config) -> String {
     match config.sink {
-        SinkKind::Kafka => format!("Kafka topic `{}`", config.kafka.topic),
-        SinkKind::Rabbitmq => format!(
-            "RabbitMQ exchange `{}` (routing key `{}`)",
-            config.rabbitmq.exchange, config.rabbitmq.routing_key
-        ),
+        SinkKind::Kafka => kafka::destination::describe(&config.kafka),
+        SinkKind::Rabbitmq => amqp::destination::describe(&config.rabbitmq),
     }
 }
 
 fn render_destination(config: &Config, event: &OutboxEvent) -> String {
-    let template = match config.sink {
-        SinkKind::Kafka => &config.kafka.topic,
-        SinkKind::Rabbitmq => &config.rabbitmq.routing_key,
-    };
-    let rendered = Template::parse(template)
-        .map(|t| t.render(event))
-        .unwrap_or_default();
     match config.sink {
-        SinkKind::Kafka => rendered,
-        SinkKind::Rabbitmq => format!("{} / {rendered}", config.rabbitmq.exchange),
+        SinkKind::Kafka => kafka::destination::render(&config.kafka, event),
+        SinkKind::Rabbitmq => amqp::destination::render(&config.rabbitmq, event),
     }
 }
 
@@ -396,27 +381,13 @@ async fn preflight(
     conditions: &[String],
     params: &Params,
 ) -> Result<(), Error> {
-    if config.sink != SinkKind::Kafka || (!explicit && config.kafka.create_topics) {
+    if config.sink != SinkKind::Kafka || !kafka::destination::must_exist(&config.kafka, explicit) {
         return Ok(());
     }
     let template = Template::parse(&config.kafka.topic).map_err(invalid)?;
-    // Only the placeholders the template uses are worth a DISTINCT.
-    let mut probe = OutboxEvent {
-        seq: 0,
-        id: String::new(),
-        aggregate_type: "\u{1}t".into(),
-        aggregate_id: "\u{1}i".into(),
-        event_type: "\u{1}e".into(),
-        payload: vec![],
-        headers: vec![],
-        traceparent: None,
-        tracestate: None,
-        created_at_ms: None,
-        defect: None,
-    };
-    let rendered = template.render(&probe);
-    let column = |marker: &str, col: &str| {
-        if rendered.contains(marker) {
+    // Only the columns the template names are worth a DISTINCT; the others read as ''.
+    let column = |placeholder: Placeholder, col: &str| {
+        if template.uses(placeholder) {
             format!("o.{col}::text")
         } else {
             "''".into()
@@ -427,9 +398,9 @@ async fn preflight(
         .query(
             &format!(
                 "SELECT DISTINCT {}, {}, {} FROM {} o WHERE {} LIMIT 1000",
-                column("\u{1}t", t.aggregate_type()),
-                column("\u{1}i", t.aggregate_id()),
-                column("\u{1}e", t.event_type()),
+                column(Placeholder::AggregateType, t.aggregate_type()),
+                column(Placeholder::AggregateId, t.aggregate_id()),
+                column(Placeholder::EventType, t.event_type()),
                 t.table(),
                 where_all(conditions)
             ),
@@ -437,56 +408,18 @@ async fn preflight(
         )
         .await
         .map_err(|e| Error::pg("cannot read the selected events", e))?;
-    let mut topics = HashSet::new();
-    for r in &rows {
-        probe.aggregate_type = r.get(0);
-        probe.aggregate_id = r.get(1);
-        probe.event_type = r.get(2);
-        topics.insert(template.render(&probe));
-    }
-    use rdkafka::producer::Producer;
-    let producer: rdkafka::producer::BaseProducer =
-        crate::sink::kafka::client_config(&config.kafka)
-            .create()
-            .map_err(|e| Error::Config(format!("cannot create the Kafka client: {e}")))?;
-    let brokers = config.kafka.brokers.clone();
-    let topics: Vec<String> = topics.into_iter().collect();
-    let missing = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
-        let mut missing = Vec::new();
-        for topic in topics {
-            let md = producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| format!("cannot reach Kafka at {brokers}: {e}"))?;
-            let exists = md
-                .topics()
-                .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-            if !exists {
-                missing.push(topic);
-            }
-        }
-        Ok(missing)
-    })
-    .await
-    .map_err(|e| Error::Broker(format!("Kafka metadata task failed: {e}")))?
-    .map_err(Error::Broker)?;
-    if !missing.is_empty() {
-        return Err(invalid(format!(
-            "Kafka topic {} does not exist; {}; nothing was sent",
-            missing
-                .iter()
-                .map(|t| format!("`{t}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if explicit {
-                "create it first (replay never creates the topic given with --topic)"
-            } else {
-                "create it, or set kafka.create_topics = true"
-            }
-        )));
-    }
-    Ok(())
+    let topics: HashSet<String> = rows
+        .iter()
+        .map(|r| {
+            let values: [String; 3] = [r.get(0), r.get(1), r.get(2)];
+            template.render_with(|p| match p {
+                Placeholder::AggregateType => &values[0],
+                Placeholder::AggregateId => &values[1],
+                Placeholder::EventType => &values[2],
+            })
+        })
+        .collect();
+    kafka::destination::require_topics(&config.kafka, topics, explicit).await
 }
 
 /// Records the replay and freezes its selection, in one transaction.

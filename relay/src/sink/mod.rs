@@ -1,4 +1,5 @@
-//! Sinks: where events go. One file per broker.
+//! Sinks: where events go. One folder per broker ([`kafka`], [`amqp`]), each owning its
+//! settings, their validation, its readiness probe and replay's destination override.
 //!
 //! The contract every sink keeps (and the engine relies on):
 //! - `send` hands the events to the broker's client in the order given and resolves once they
@@ -105,54 +106,36 @@ impl Sink for AnySink {
 }
 
 /// A cheap reachability check of the configured broker, on a client of its own (for
-/// `/readyz`; the sink's own connection may be idle or busy).
+/// `/readyz`; the sink's own connection may be idle or busy). Each broker's check lives in its
+/// folder: [`kafka::probe`], [`amqp::probe`].
 pub enum BrokerProbe {
-    Kafka(rdkafka::producer::FutureProducer),
-    Rabbitmq(crate::config::Secret),
+    /// A metadata request on a client of its own.
+    Kafka(kafka::probe::KafkaProbe),
+    /// Boxed: it holds a whole lapin connection, and there is one probe per process.
+    Rabbitmq(Box<amqp::probe::AmqpProbe>),
+    /// The client could not be created; every check fails with this reason.
     Unavailable(String),
 }
 
 impl BrokerProbe {
+    /// The probe of the configured sink; it connects on its first check.
     pub fn new(config: &Config) -> Self {
         match config.sink {
-            SinkKind::Kafka => match kafka::client_config(&config.kafka).create() {
-                Ok(producer) => BrokerProbe::Kafka(producer),
-                Err(e) => BrokerProbe::Unavailable(format!("cannot create a Kafka client: {e}")),
+            SinkKind::Kafka => match kafka::probe::KafkaProbe::new(&config.kafka) {
+                Ok(probe) => BrokerProbe::Kafka(probe),
+                Err(e) => BrokerProbe::Unavailable(e),
             },
-            SinkKind::Rabbitmq => BrokerProbe::Rabbitmq(config.rabbitmq.url.clone()),
+            SinkKind::Rabbitmq => {
+                BrokerProbe::Rabbitmq(Box::new(amqp::probe::AmqpProbe::new(&config.rabbitmq)))
+            }
         }
     }
 
-    pub async fn check(&self) -> Result<(), String> {
-        let timeout = std::time::Duration::from_secs(3);
+    /// `Ok` when the broker answered; `Err` says why not, for the debug log.
+    pub async fn check(&mut self) -> Result<(), String> {
         match self {
-            BrokerProbe::Kafka(producer) => {
-                use rdkafka::producer::Producer;
-                let producer = producer.clone();
-                tokio::task::spawn_blocking(move || {
-                    producer
-                        .client()
-                        .fetch_metadata(None, timeout)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())?
-            }
-            BrokerProbe::Rabbitmq(url) => {
-                let connect = lapin::Connection::connect(
-                    url.expose(),
-                    lapin::ConnectionProperties::default(),
-                );
-                match tokio::time::timeout(timeout, connect).await {
-                    Ok(Ok(conn)) => {
-                        let _ = conn.close(200, "probe").await;
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".into()),
-                }
-            }
+            BrokerProbe::Kafka(probe) => probe.check().await,
+            BrokerProbe::Rabbitmq(probe) => probe.check().await,
             BrokerProbe::Unavailable(e) => Err(e.clone()),
         }
     }

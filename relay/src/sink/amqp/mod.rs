@@ -6,6 +6,14 @@
 //! before the `ack` and makes the publish a permanent failure, and a `nack` a transient one:
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
+//!
+//! Everything the relay knows about RabbitMQ lives in this folder: the `[rabbitmq]` settings
+//! and their validation ([`config`]), the `/readyz` check ([`probe`]) and where `replay` may
+//! send instead ([`destination`]).
+
+pub mod config;
+pub mod destination;
+pub mod probe;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +25,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{info, warn};
 
+use self::config::RabbitmqConfig;
 use super::{Confirmations, InFlight, Sink};
-use crate::config::RabbitmqConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::metrics::PublishTally;
@@ -27,6 +35,8 @@ use crate::template::Template;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The RabbitMQ [`Sink`]: one connection and one confirm-mode channel, replaced only once
+/// nothing is in flight on them.
 pub struct AmqpSink {
     config: RabbitmqConfig,
     routing_key: Template,
@@ -45,11 +55,11 @@ impl AmqpSink {
             link: None,
             in_flight: Arc::default(),
         };
-        sink.open().await.map_err(Error::Broker)?;
+        sink.open().await?;
         Ok(sink)
     }
 
-    async fn open(&mut self) -> Result<&Channel, String> {
+    async fn open(&mut self) -> Result<&Channel, Error> {
         if let Some((conn, chan)) = &self.link
             && conn.status().connected()
             && chan.status().connected()
@@ -60,9 +70,9 @@ impl AmqpSink {
         // (they fail as the connection went; the engine sends them again, in order, after).
         let in_flight = self.in_flight.load(Ordering::Acquire);
         if self.link.is_some() && in_flight > 0 {
-            return Err(format!(
+            return Err(Error::Broker(format!(
                 "the AMQP connection was lost; waiting for the answers of {in_flight} messages in flight on it before reconnecting"
-            ));
+            )));
         }
         if self.link.take().is_some() {
             warn!("AMQP connection or channel closed; reconnecting");
@@ -74,21 +84,26 @@ impl AmqpSink {
             Connection::connect(url.expose(), ConnectionProperties::default()),
         )
         .await
-        .map_err(|_| format!("cannot reach RabbitMQ at {}: connect timed out", url.redacted()))?
+        .map_err(|_| {
+            Error::Broker(format!(
+                "cannot reach RabbitMQ at {}: connect timed out",
+                url.redacted()
+            ))
+        })?
         .map_err(|e| {
-            format!(
+            Error::Broker(format!(
                 "cannot connect to RabbitMQ at {}: {e}; check RELAY_AMQP_URL (host, credentials, vhost)",
                 url.redacted()
-            )
+            ))
         })?;
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| format!("cannot open an AMQP channel: {e}"))?;
+            .map_err(|e| Error::Broker(format!("cannot open an AMQP channel: {e}")))?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+            .map_err(|e| Error::Broker(format!("cannot enable publisher confirms: {e}")))?;
         let exchange = &self.config.exchange;
         let passive = !self.config.declare_exchange;
         channel
@@ -104,14 +119,18 @@ impl AmqpSink {
             )
             .await
             .map_err(|e| {
-                if passive {
-                    format!(
+                // A passive declare of a missing exchange: the broker closes the channel with
+                // 404 NOT_FOUND.
+                if passive && is_not_found(&e) {
+                    Error::MissingDestination(format!(
                         "RabbitMQ exchange `{exchange}` does not exist ({e}); create it, or set rabbitmq.declare_exchange = true"
-                    )
+                    ))
+                } else if passive {
+                    Error::Broker(format!("cannot check RabbitMQ exchange `{exchange}`: {e}"))
                 } else {
-                    format!(
+                    Error::Broker(format!(
                         "cannot declare RabbitMQ exchange `{exchange}` as a durable topic exchange: {e}"
-                    )
+                    ))
                 }
             })?;
         info!(exchange, "connected to RabbitMQ");
@@ -215,7 +234,7 @@ impl Sink for AmqpSink {
             Err(e) => {
                 let results = events
                     .iter()
-                    .map(|_| Err(PublishError::unavailable(e.clone())))
+                    .map(|_| Err(PublishError::unavailable(e.to_string())))
                     .collect();
                 return Box::pin(async move { results });
             }
@@ -312,4 +331,13 @@ impl Sink for AmqpSink {
     fn system(&self) -> &'static str {
         "rabbitmq"
     }
+}
+
+/// Whether the broker answered with 404 NOT_FOUND (a passive declare of a missing exchange).
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e,
+        lapin::Error::ProtocolError(amqp)
+            if *amqp.kind() == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+    )
 }

@@ -7,6 +7,15 @@
 //!
 //! Topics are checked (or created, when `kafka.create_topics` is set) the first time an event
 //! names them: many managed Kafkas, and tansu, do not create topics on first produce.
+//!
+//! Everything the relay knows about Kafka lives in this folder: the `[kafka]` settings and
+//! their validation ([`config`]), the `/readyz` check ([`probe`]) and where `replay` may send
+//! instead ([`destination`]). They share [`client_config`], so the probe and replay's topic
+//! check talk to the brokers exactly as the sink does (TLS, SASL and all).
+
+pub mod config;
+pub mod destination;
+pub mod probe;
 
 use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +31,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
+use self::config::KafkaConfig;
 use super::{Confirmations, InFlight, Sink};
-use crate::config::KafkaConfig;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::metrics::PublishTally;
@@ -45,6 +54,8 @@ enum TopicState {
     Unclear(String),
 }
 
+/// The Kafka [`Sink`]: one idempotent producer, replaced only when the broker no longer
+/// accepts its identity and nothing is in flight on it.
 pub struct KafkaSink {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
@@ -67,7 +78,9 @@ struct Reports {
     renew: bool,
 }
 
-/// The producer settings of DESIGN.md; `kafka.properties` are applied last and may add TLS/SASL.
+/// The producer settings the delivery guarantees rest on (`acks=all`, the idempotent
+/// producer); `kafka.properties` are applied last and may add TLS/SASL (the guarantee-critical
+/// ones are refused by [`KafkaConfig::validate`]).
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
@@ -93,6 +106,8 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 impl KafkaSink {
+    /// Creates the producer and fetches the cluster's metadata once: unreachable brokers or
+    /// bad `kafka.properties` are start-up errors.
     pub async fn connect(config: &KafkaConfig) -> Result<Self, Error> {
         let client_config = client_config(config);
         let producer: FutureProducer = client_config.create().map_err(|e| {
@@ -448,6 +463,7 @@ impl Sink for KafkaSink {
             }
         }
         let reports = self.reports.clone();
+        let template = self.topic.clone();
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
             let mut tally = PublishTally::new("kafka");
@@ -469,7 +485,9 @@ impl Sink for KafkaSink {
                         (result, span, Some(topic))
                     }
                 };
-                span.end(&result, topic.as_deref().unwrap_or(""), &mut tally);
+                // Failures are counted by kind only; the topic names a success's series.
+                let label = topic.as_deref().map_or("", |t| template.metric_label(t));
+                span.end(&result, label, &mut tally);
                 results.push(result);
             }
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
