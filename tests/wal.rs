@@ -598,3 +598,130 @@ async fn a_progress_row_from_another_cluster_is_ignored_and_migrate_leaves_a_los
         out.stderr
     );
 }
+
+/// Slots are cluster-wide: two services with the same table in two databases of one cluster
+/// must not share (and fight over) one slot when both keep the default settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_databases_on_one_cluster_each_get_their_own_default_slot() {
+    let defaults = "[wal]\ncreate_slot = true\n";
+    let a = Scenario::of(Mode::Wal, Broker::Kafka, defaults).await;
+    let b = Scenario::of(Mode::Wal, Broker::Kafka, defaults).await;
+    for s in [&a, &b] {
+        let out = s.command(&["migrate"]);
+        assert!(out.status.success(), "{}", out.stderr);
+        let slot = format!("outbox_relay_{}_outbox", s.db.name);
+        assert!(
+            out.stderr
+                .contains(&format!("created replication slot {slot}")),
+            "{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    let mut readers = vec![a.reader(&["wallet"]).await, b.reader(&["wallet"]).await];
+    let relays = [a.start_relay(), b.start_relay()];
+    for relay in &relays {
+        assert!(
+            relay
+                .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
+                .await,
+            "{}",
+            relay.logs()
+        );
+    }
+    for (i, s) in [&a, &b].into_iter().enumerate() {
+        let written = write_events(&s.db.url, "wallet", 5, 4, 1).await;
+        let received = readers[i].read_until(&written, READ_TIMEOUT).await;
+        let t = tally(&written, &received);
+        assert_eq!(t.missing, 0, "database {i}: {t:?}\n{}", relays[i].logs());
+        t.assert_complete_and_ordered();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_configured_slot_of_another_database_with_the_message_run_gives() {
+    let a = Scenario::of(Mode::Wal, Broker::Kafka, "").await;
+    a.migrate();
+    let b = Scenario::of(
+        Mode::Wal,
+        Broker::Kafka,
+        &format!("[wal]\nslot = \"{}\"\n", a.slot),
+    )
+    .await;
+    let out = b.command(&["migrate"]);
+    assert!(!out.status.success(), "{}", out.stdout);
+    let expected = format!(
+        "replication slot `{}` belongs to database `{}`, not `{}`; set wal.slot to a slot of this database",
+        a.slot, a.db.name, b.db.name
+    );
+    assert!(out.stderr.contains(&expected), "{}", out.stderr);
+    expect_error(&b, &[], &[&expected]).await;
+}
+
+/// Earlier versions named the default slot `outbox_relay_<table>`. A relay upgraded in place
+/// keeps streaming from that slot (its position) instead of creating a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_slot_of_the_former_default_name_and_its_position() {
+    let table = unique("outbox");
+    let s = Scenario::of(
+        Mode::Wal,
+        Broker::Kafka,
+        &format!("[outbox]\ntable = \"{table}\"\n[wal]\ncreate_slot = true\n"),
+    )
+    .await;
+    let former = format!("outbox_relay_{table}");
+    let client = s.db.client().await;
+    client
+        .query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&former],
+        )
+        .await
+        .unwrap();
+    let out = s.command(&["migrate"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("created replication slot"),
+        "{}",
+        out.stderr
+    );
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log(
+                "using the replication slot of the former default name",
+                Duration::from_secs(30)
+            )
+            .await,
+        "{}",
+        relay.logs()
+    );
+    let id: String = client
+        .query_one(
+            &format!(
+                "INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES (gen_random_uuid(), 'wallet', 'w1', 'Opened', '{{\"n\": 0}}') RETURNING id::text"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let written = vec![Written {
+        id,
+        aggregate_id: "w1".into(),
+        n: 0,
+    }];
+    let received = reader.read_until(&written, READ_TIMEOUT).await;
+    assert_eq!(tally(&written, &received).missing, 0, "{}", relay.logs());
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1, "a second slot was created");
+}

@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::metrics as m;
 use crate::outbox::Outbox;
 use crate::pg::PgConn;
+use crate::pg::slot::{resolve_slot_name, slot_lag};
 use crate::sink::BrokerProbe;
 
 /// What `/readyz` reports; written by the observer and the pipeline.
@@ -137,18 +138,25 @@ pub async fn observe(
     shutdown: CancellationToken,
 ) {
     let mut probe = BrokerProbe::new(&config);
-    let slot = config.wal.slot_name(&config.outbox.table);
-    let mut conn: Option<(PgConn, Outbox)> = None;
+    let mut conn: Option<(PgConn, Outbox, String)> = None;
     loop {
         let database = async {
-            if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            if conn.as_ref().is_none_or(|(c, _, _)| c.is_closed()) {
                 let c = PgConn::connect(&config.database_url).await?;
                 let outbox =
                     Outbox::inspect(&c.client, &config.outbox, config.source == SourceKind::Poll)
                         .await?;
-                conn = Some((c, outbox));
+                // Only log tailing has a slot to watch.
+                let slot = match config.source {
+                    SourceKind::Wal => {
+                        resolve_slot_name(&c.client, config.wal.slot.as_deref(), &outbox.table)
+                            .await?
+                    }
+                    SourceKind::Poll => String::new(),
+                };
+                conn = Some((c, outbox, slot));
             }
-            let (c, outbox) = conn.as_ref().expect("connected above");
+            let (c, outbox, slot) = conn.as_ref().expect("connected above");
             let stats = outbox.stats(&c.client).await?;
             if let Some(pending) = stats.pending {
                 gauge!(m::PENDING).set(pending as f64);
@@ -157,7 +165,7 @@ pub async fn observe(
             gauge!(m::DEAD_LETTERS).set(stats.dead_letters as f64);
             gauge!(m::HELD_AGGREGATES).set(stats.held_aggregates as f64);
             if config.source == SourceKind::Wal
-                && let Some((lag, retained)) = crate::pg::slot::slot_lag(&c.client, &slot).await?
+                && let Some((lag, retained)) = slot_lag(&c.client, slot).await?
             {
                 gauge!(m::WAL_LAG).set(lag as f64);
                 gauge!(m::WAL_RETAINED).set(retained as f64);

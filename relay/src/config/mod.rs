@@ -195,7 +195,8 @@ impl Default for PollConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
-    /// Logical replication slot (pgoutput); default `outbox_relay_<table>`.
+    /// Logical replication slot (pgoutput); default `outbox_relay_<database>_<table>` (slots are
+    /// cluster-wide, so the default differs per database).
     pub slot: Option<String>,
     /// Publication on the outbox table (inserts only); default `outbox_relay_<table>`.
     pub publication: Option<String>,
@@ -239,11 +240,6 @@ impl WalConfig {
         let mut n = format!("outbox_relay_{name}").to_ascii_lowercase();
         n.truncate(63);
         n
-    }
-    pub fn slot_name(&self, table: &str) -> String {
-        self.slot
-            .clone()
-            .unwrap_or_else(|| Self::default_name(table))
     }
     pub fn publication_name(&self, table: &str) -> String {
         self.publication
@@ -366,11 +362,11 @@ impl Config {
                 .map_err(|e| Error::Config(format!("outbox.columns.{setting}: {e}")))?;
         }
         if self.source == SourceKind::Wal {
-            let slot = self.wal.slot_name(&self.outbox.table);
-            if slot.is_empty()
-                || !slot
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            if let Some(slot) = &self.wal.slot
+                && (slot.is_empty()
+                    || !slot
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
             {
                 return bad(format!(
                     "wal.slot `{slot}`: replication slot names may contain only lower-case letters, digits and `_`"

@@ -199,7 +199,9 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
             .map_err(pg("the outbox table"))?;
         status.retained = row.get(0);
         status.oldest_retained = row.get::<_, Option<i64>>(1).map(format_ms);
-        let name = config.wal.slot_name(&config.outbox.table);
+        let name =
+            crate::pg::slot::resolve_slot_name(client, config.wal.slot.as_deref(), t.table())
+                .await?;
         let row = client
             .query_opt(
                 "SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \

@@ -140,8 +140,9 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
         .await
         .map_err(|e| Error::pg("migrate: commit failed", e))?;
     if wal {
-        let slot = config.wal.slot_name(&cfg.table);
         slot::check_wal_level(client).await?;
+        let slot = slot::resolve_slot_name(client, config.wal.slot.as_deref(), &table).await?;
+        slot::check_slot_usable(client, &slot).await?;
         // A slot that was streamed before (its progress is saved) and is now missing must be
         // recreated by `run`, which first publishes the events of the gap from the table;
         // creating it here would make the relay skip them.

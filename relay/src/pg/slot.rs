@@ -132,3 +132,145 @@ pub async fn ensure_publication(
         )
     })
 }
+
+/// The default slot name of `table` in `database`: `outbox_relay_<database>_<table>` (with the
+/// schema when it is not `public`). Slots share one name space across all databases of a
+/// cluster, so two services with the same table name in two databases get two slots. Slot
+/// names allow only `[a-z0-9_]` and 63 bytes: a name that had to be changed to fit gets a
+/// hash of the exact names, so it stays unique.
+pub fn default_slot_name(database: &str, table: &QualifiedName) -> String {
+    let raw = match table.schema.as_deref() {
+        Some(schema) if schema != "public" => {
+            format!("outbox_relay_{database}_{schema}_{}", table.name)
+        }
+        _ => format!("outbox_relay_{database}_{}", table.name),
+    };
+    let clean: String = raw
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' => c,
+            _ => '_',
+        })
+        .collect();
+    if clean == raw && clean.len() <= 63 {
+        return clean;
+    }
+    // FNV-1a: a stable hash (std's is randomly seeded), only to tell names apart.
+    let hash = raw.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{}_{hash:08x}", &clean[..clean.len().min(54)])
+}
+
+/// The default of earlier versions, `outbox_relay_<table>`: cluster-wide, so it clashed
+/// between databases. A slot of that name in this database is still used (see
+/// [`resolve_slot_name`]) so that an upgrade keeps its position.
+fn former_default_slot_name(table: &QualifiedName) -> String {
+    let mut n = format!("outbox_relay_{}", table.name).to_ascii_lowercase();
+    n.truncate(63);
+    n
+}
+
+/// The slot log tailing uses for `table`: `configured` (`wal.slot`) when set; otherwise the
+/// default of this database ([`default_slot_name`]), or the former default when that slot
+/// exists, belongs to this database and the new one does not exist (an upgrade).
+pub async fn resolve_slot_name(
+    client: &Client,
+    configured: Option<&str>,
+    table: &QualifiedName,
+) -> Result<String, Error> {
+    if let Some(slot) = configured {
+        return Ok(slot.to_string());
+    }
+    let database = current_database(client).await?;
+    let slot = default_slot_name(&database, table);
+    if slot_info(client, &slot).await?.is_some() {
+        return Ok(slot);
+    }
+    let former = former_default_slot_name(table);
+    match slot_info(client, &former).await? {
+        Some(info)
+            if info.database.as_deref() == Some(database.as_str())
+                && info.plugin.as_deref() == Some("pgoutput") =>
+        {
+            info!(
+                slot = %former,
+                "using the replication slot of the former default name (it belongs to this database); set wal.slot = \"{former}\" to keep it explicitly"
+            );
+            Ok(former)
+        }
+        _ => Ok(slot),
+    }
+}
+
+async fn current_database(client: &Client) -> Result<String, Error> {
+    Ok(client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| Error::pg("cannot read the database name", e))?
+        .get(0))
+}
+
+/// Fails unless an existing `slot` can serve log tailing here: pgoutput, of this database.
+/// `migrate` and the wal source give the same message. A missing slot passes (it is created).
+pub async fn check_slot_usable(client: &Client, slot: &str) -> Result<(), Error> {
+    let Some(info) = slot_info(client, slot).await? else {
+        return Ok(());
+    };
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::Setup(format!(
+            "replication slot `{slot}` uses plugin `{}`, not pgoutput; drop it or set wal.slot to another name",
+            info.plugin.unwrap_or_default()
+        )));
+    }
+    let db = current_database(client).await?;
+    if info.database.as_deref() != Some(db.as_str()) {
+        return Err(Error::Setup(format!(
+            "replication slot `{slot}` belongs to database `{}`, not `{db}`; set wal.slot to a slot of this database",
+            info.database.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str) -> QualifiedName {
+        QualifiedName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn default_slot_names_differ_per_database_and_fit_the_rules() {
+        assert_eq!(
+            default_slot_name("wallet", &table("outbox")),
+            "outbox_relay_wallet_outbox"
+        );
+        assert_eq!(
+            default_slot_name("wallet", &table("public.outbox")),
+            "outbox_relay_wallet_outbox"
+        );
+        assert_eq!(
+            default_slot_name("wallet", &table("billing.outbox")),
+            "outbox_relay_wallet_billing_outbox"
+        );
+        assert_ne!(
+            default_slot_name("wallet", &table("outbox")),
+            default_slot_name("billing", &table("outbox"))
+        );
+        // Names that do not fit the slot rules are cleaned, and stay apart by their hash.
+        let a = default_slot_name("My-App", &table("outbox"));
+        let b = default_slot_name("my_app", &table("outbox"));
+        assert_ne!(a, b);
+        let long = default_slot_name(&"d".repeat(60), &table("outbox"));
+        for name in [&a, &long] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+        }
+    }
+}

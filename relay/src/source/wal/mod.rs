@@ -55,7 +55,7 @@ use crate::event::{KeyRef, OutboxEvent};
 
 use crate::outbox::Outbox;
 use crate::pg::PgConn;
-use crate::pg::slot::{ensure_slot, slot_info};
+use crate::pg::slot::{ensure_slot, resolve_slot_name, slot_info};
 use crate::pg::tls::PgTarget;
 
 /// Only refused credentials or rights are final here: a slot that was dropped or invalidated
@@ -558,10 +558,12 @@ impl Source for WalSource {
     async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
         let outbox = Outbox::inspect(&conn.client, &config.outbox, false).await?;
-        check_setup(&conn.client, config, &outbox.table).await?;
+        let slot =
+            resolve_slot_name(&conn.client, config.wal.slot.as_deref(), &outbox.table).await?;
+        check_setup(&conn.client, config, &outbox.table, &slot).await?;
         let held = outbox.held_aggregates(&conn.client).await?;
         Ok(Self {
-            slot: config.wal.slot_name(&config.outbox.table),
+            slot,
             publication: config.wal.publication_name(&config.outbox.table),
             conn,
             outbox,

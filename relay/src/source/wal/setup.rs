@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::error::Error;
 use crate::ident::QualifiedName;
-use crate::pg::slot::{check_wal_level, slot_info};
+use crate::pg::slot::{check_slot_usable, check_wal_level};
 
 /// Each prerequisite of log tailing, checked before streaming, with its fix: wal_level,
 /// REPLICATION privilege, publication present and covering the table with inserts, slot of
@@ -18,6 +18,7 @@ pub(super) async fn check_setup(
     client: &Client,
     config: &Config,
     table: &QualifiedName,
+    slot: &str,
 ) -> Result<(), Error> {
     check_wal_level(client).await?;
     let row = client
@@ -71,27 +72,5 @@ pub(super) async fn check_setup(
             table.display()
         )));
     }
-    let slot = config.wal.slot_name(&config.outbox.table);
-    // A missing or invalidated slot is handled by the active instance (`prepare_slot`).
-    let Some(info) = slot_info(client, &slot).await? else {
-        return Ok(());
-    };
-    if info.plugin.as_deref() != Some("pgoutput") {
-        return Err(Error::Setup(format!(
-            "replication slot `{slot}` uses plugin `{}`, not pgoutput; drop it or set wal.slot to another name",
-            info.plugin.unwrap_or_default()
-        )));
-    }
-    let db: String = client
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .map_err(|e| Error::pg("cannot read the database name", e))?
-        .get(0);
-    if info.database.as_deref() != Some(db.as_str()) {
-        return Err(Error::Setup(format!(
-            "replication slot `{slot}` belongs to database `{}`, not `{db}`; set wal.slot to a slot of this database",
-            info.database.unwrap_or_default()
-        )));
-    }
-    Ok(())
+    check_slot_usable(client, slot).await
 }
