@@ -618,7 +618,7 @@ async fn two_databases_on_one_cluster_each_get_their_own_default_slot() {
             out.stderr
         );
     }
-    let mut readers = vec![a.reader(&["wallet"]).await, b.reader(&["wallet"]).await];
+    let mut readers = [a.reader(&["wallet"]).await, b.reader(&["wallet"]).await];
     let relays = [a.start_relay(), b.start_relay()];
     for relay in &relays {
         assert!(
