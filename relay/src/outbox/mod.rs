@@ -19,8 +19,8 @@ mod progress;
 mod shape;
 
 pub use migrate::migrate;
-pub use progress::Progress;
 use progress::ProgressSql;
+pub use progress::{PgTimestamp, Progress};
 pub use shape::{Column, EVENT_COLUMNS, TableShape};
 
 /// A missing attempts table (not migrated yet) holds nothing to delete.
@@ -477,21 +477,27 @@ impl Outbox {
     pub async fn backfill(
         &self,
         client: &Client,
-        from: &str,
-        after: &(String, String),
+        from: &PgTimestamp,
+        after: &(PgTimestamp, String),
         limit: usize,
-    ) -> Result<Vec<(OutboxEvent, (String, String))>, Error> {
+    ) -> Result<Vec<(OutboxEvent, (PgTimestamp, String))>, Error> {
         let Some(sql) = &self.backfill_sql else {
             return Ok(vec![]);
         };
         let rows = client
-            .query(sql, &[&from, &after.0, &after.1, &(limit as i64)])
+            .query(
+                sql,
+                &[&from.as_sql(), &after.0.as_sql(), &after.1, &(limit as i64)],
+            )
             .await
             .map_err(|e| Error::pg("cannot read outbox rows to repair a lost slot", e))?;
         Ok(rows
             .iter()
             .map(|r| {
-                let cursor = (r.get(EVENT_COLUMNS), r.get(EVENT_COLUMNS + 1));
+                let cursor = (
+                    PgTimestamp::from_row(r, EVENT_COLUMNS),
+                    r.get(EVENT_COLUMNS + 1),
+                );
                 (TableShape::decode(r, 0, 0), cursor)
             })
             .collect())

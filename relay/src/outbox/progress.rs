@@ -6,20 +6,52 @@
 //! lost slot starts reading the table, and the cluster's system identifier tells a copy of the
 //! row in another cluster (a restored backup) from our own.
 
+use pgwire_replication::Lsn;
 use tokio_postgres::Client;
 
 use super::Outbox;
 use crate::error::Error;
 use crate::ident::QualifiedName;
 
-/// Where log tailing got to for one slot (times as text).
+/// A `timestamptz` as Postgres prints it (ISO, UTC on the relay's sessions), handed back to
+/// Postgres as text: exact to the microsecond, and able to say `-infinity`, which a repair
+/// that starts from the first row needs. Only Postgres makes one; the relay never parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTimestamp(String);
+
+impl PgTimestamp {
+    /// Before every row.
+    pub fn beginning() -> Self {
+        Self("-infinity".into())
+    }
+
+    /// For a `$n::text::timestamptz` parameter.
+    pub fn as_sql(&self) -> &str {
+        &self.0
+    }
+
+    /// A `timestamptz::text` column of `row`.
+    pub fn from_row(row: &tokio_postgres::Row, i: usize) -> Self {
+        Self(row.get(i))
+    }
+}
+
+impl std::fmt::Display for PgTimestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where log tailing got to for one slot.
 #[derive(Debug, Clone)]
 pub struct Progress {
-    pub confirmed_lsn: String,
+    pub confirmed_lsn: Lsn,
     /// Commit time of the newest confirmed transaction: where a repair of a lost slot starts.
-    pub commit_time: String,
+    pub commit_time: PgTimestamp,
+    /// `commit_time` in ms since the Unix epoch.
+    pub commit_ms: i64,
     /// Set while a repair is publishing the gap from the table.
-    pub backfill_from: Option<String>,
+    pub backfill_from: Option<PgTimestamp>,
     /// Written by this very cluster and not ahead of its WAL: a copy of the database in
     /// another cluster carries the row along, with an LSN that means nothing there.
     pub trusted: bool,
@@ -37,10 +69,11 @@ impl ProgressSql {
     pub(super) fn new(progress: &QualifiedName) -> Self {
         Self {
             load: format!(
-                "SELECT confirmed_lsn::text, commit_time::text, backfill_from::text, \
+                "SELECT (confirmed_lsn - '0/0'::pg_lsn)::bigint, commit_time::text, backfill_from::text, \
                         system_identifier IS NOT DISTINCT FROM \
                             (SELECT system_identifier::text FROM pg_control_system()) \
-                        AND confirmed_lsn <= pg_current_wal_flush_lsn() \
+                        AND confirmed_lsn <= pg_current_wal_flush_lsn(), \
+                        (extract(epoch FROM commit_time) * 1000)::bigint \
                  FROM {progress} WHERE slot_name = $1"
             ),
             save: format!(
@@ -70,10 +103,11 @@ impl Outbox {
             .await
             .map_err(|e| Error::pg("cannot read the log-tailing progress", e))?;
         Ok(row.map(|r| Progress {
-            confirmed_lsn: r.get(0),
-            commit_time: r.get(1),
-            backfill_from: r.get(2),
+            confirmed_lsn: Lsn(r.get::<_, i64>(0) as u64),
+            commit_time: PgTimestamp::from_row(&r, 1),
+            backfill_from: r.get::<_, Option<String>>(2).map(PgTimestamp),
             trusted: r.get::<_, Option<bool>>(3).unwrap_or(false),
+            commit_ms: r.get(4),
         }))
     }
 
@@ -81,13 +115,13 @@ impl Outbox {
         &self,
         client: &Client,
         slot: &str,
-        lsn: &str,
+        lsn: Lsn,
         commit_time_ms: i64,
     ) -> Result<(), Error> {
         client
             .execute(
                 &self.progress.save,
-                &[&slot, &lsn, &(commit_time_ms as f64)],
+                &[&slot, &lsn.to_pg_string(), &(commit_time_ms as f64)],
             )
             .await
             .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
@@ -99,10 +133,13 @@ impl Outbox {
         &self,
         client: &Client,
         slot: &str,
-        from: Option<&str>,
+        from: Option<&PgTimestamp>,
     ) -> Result<(), Error> {
         client
-            .execute(&self.progress.backfill, &[&slot, &from])
+            .execute(
+                &self.progress.backfill,
+                &[&slot, &from.map(PgTimestamp::as_sql)],
+            )
             .await
             .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
         Ok(())

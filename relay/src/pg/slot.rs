@@ -5,6 +5,7 @@
 //! Slots are cluster-wide objects (one name space for all databases of a cluster), bound to
 //! one database and one output plugin: <https://www.postgresql.org/docs/15/logicaldecoding-explanation.html#LOGICALDECODING-REPLICATION-SLOTS>.
 
+use pgwire_replication::Lsn;
 use tokio_postgres::Client;
 use tracing::info;
 
@@ -72,13 +73,14 @@ pub struct SlotInfo {
     pub database: Option<String>,
     pub active_pid: Option<i32>,
     pub wal_status: Option<String>,
-    pub confirmed_flush: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, wal_status, confirmed_flush_lsn::text \
+            "SELECT plugin::text, database::text, active_pid, wal_status, \
+                    (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -89,7 +91,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         database: r.get(1),
         active_pid: r.get(2),
         wal_status: r.get(3),
-        confirmed_flush: r.get(4),
+        confirmed_flush: r.get::<_, Option<i64>>(4).map(|v| Lsn(v as u64)),
     }))
 }
 

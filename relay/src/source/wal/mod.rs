@@ -32,9 +32,11 @@ use hashbrown::{HashMap, HashSet};
 
 mod decode;
 pub mod frontier;
+mod repair;
 mod setup;
 
 use self::decode::{ColumnMap, emitted_event};
+use self::repair::Backfill;
 use self::setup::check_setup;
 
 use self::frontier::{Confirmed, Frontier};
@@ -55,7 +57,7 @@ use crate::event::{KeyRef, OutboxEvent};
 
 use crate::outbox::Outbox;
 use crate::pg::PgConn;
-use crate::pg::slot::{ensure_slot, resolve_slot_name, slot_info};
+use crate::pg::slot::{resolve_slot_name, slot_info};
 use crate::pg::tls::PgTarget;
 
 /// Only refused credentials or rights are final here: a slot that was dropped or invalidated
@@ -125,24 +127,6 @@ pub struct WalSource {
     backfill: Option<Backfill>,
 }
 
-/// Publishing the rows of a lost slot's gap from the table.
-#[derive(Debug)]
-struct Backfill {
-    from: String,
-    cursor: (String, String),
-    published: u64,
-}
-
-impl Backfill {
-    fn new(from: String) -> Self {
-        Self {
-            from,
-            cursor: ("-infinity".into(), "(0,0)".into()),
-            published: 0,
-        }
-    }
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -195,118 +179,6 @@ impl WalSource {
         .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3"))
     }
 
-    /// Makes the slot usable; only the active instance does this. A slot that is missing or
-    /// invalidated although it was streamed before (its progress is saved) is recreated, and
-    /// the events of the gap — rows created since the last confirmed commit, minus
-    /// `wal.repair_margin` — are published from the table before streaming resumes. The repair
-    /// is recorded first, so a crash in the middle repeats it (duplicates, no gap).
-    async fn prepare_slot(&mut self) -> Result<(), Error> {
-        let client = &self.conn.client;
-        let slot = self.slot.clone();
-        let info = slot_info(client, &slot).await?;
-        let progress = self.outbox.load_progress(client, &slot).await?;
-        let lost = info
-            .as_ref()
-            .is_some_and(|i| i.wal_status.as_deref() == Some("lost"));
-        if info.is_some() && !lost {
-            if let Some(from) = progress.and_then(|p| p.backfill_from) {
-                info!(
-                    slot,
-                    from, "resuming the unfinished repair of the slot's gap"
-                );
-                self.backfill = Some(Backfill::new(from));
-            }
-            return Ok(());
-        }
-        if info.is_none() && progress.is_none() {
-            // First run: nothing was streamed from this slot before.
-            if !self.config.wal.create_slot {
-                return Err(Error::Setup(format!(
-                    "replication slot `{slot}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or set wal.create_slot = true"
-                )));
-            }
-            ensure_slot(client, &slot).await?;
-            return Ok(());
-        }
-        let why = if lost {
-            "was invalidated (its WAL was removed, e.g. by max_slot_wal_keep_size)"
-        } else {
-            "is missing (dropped, or the database was restored from a backup)"
-        };
-        if !self.outbox.can_backfill() {
-            return Err(Error::Setup(format!(
-                "replication slot `{slot}` {why}, and the outbox table has no `{}` column to read the gap back from: publish the missing events with `outbox-relay replay` or the polling source, then drop the progress row (DELETE FROM {}_relay_progress WHERE slot_name = '{slot}') to start afresh",
-                self.config.outbox.columns.created_at,
-                self.outbox.table.display()
-            )));
-        }
-        let margin = format!("{} milliseconds", self.config.wal.repair_margin.as_millis());
-        let from: String = match &progress {
-            Some(p) => client
-                .query_one(
-                    "SELECT ($1::text::timestamptz - $2::text::interval)::text",
-                    &[&p.commit_time, &margin],
-                )
-                .await
-                .map_err(|e| Error::pg("cannot compute the repair's start", e))?
-                .get(0),
-            None => "-infinity".into(),
-        };
-        if progress.is_none() {
-            self.outbox
-                .save_progress(client, &slot, "0/0", now_ms())
-                .await?;
-        }
-        self.outbox.set_backfill(client, &slot, Some(&from)).await?;
-        if lost {
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-                .map_err(|e| Error::pg(format!("cannot drop the invalidated slot `{slot}`"), e))?;
-        }
-        ensure_slot(client, &slot).await?;
-        warn!(
-            slot,
-            from,
-            "replication slot {why}: recreated it; publishing the outbox rows created since then from the table before streaming"
-        );
-        self.backfill = Some(Backfill::new(from));
-        Ok(())
-    }
-
-    /// The next rows of the repair, or `None` once it is complete (and recorded as such).
-    async fn next_backfill(&mut self, max: usize) -> Result<Option<Vec<OutboxEvent>>, Error> {
-        let Some(b) = &self.backfill else {
-            return Ok(None);
-        };
-        let rows = self
-            .outbox
-            .backfill(&self.conn.client, &b.from, &b.cursor, max)
-            .await?;
-        if rows.is_empty() {
-            let done = self.backfill.take().expect("checked above");
-            self.outbox
-                .set_backfill(&self.conn.client, &self.slot, None)
-                .await?;
-            info!(
-                slot = %self.slot,
-                published = done.published,
-                "repair of the slot's gap complete; streaming"
-            );
-            return Ok(None);
-        }
-        let mut events = Vec::with_capacity(rows.len());
-        let b = self.backfill.as_mut().expect("checked above");
-        for (mut event, cursor) in rows {
-            event.seq = self.next_seq;
-            self.next_seq += 1;
-            b.cursor = cursor;
-            b.published += 1;
-            events.push(event);
-        }
-        Ok(Some(events))
-    }
-
     /// Waits for the slot to be free (a relay that just died may still hold it briefly).
     async fn wait_for_slot(&self, shutdown: &CancellationToken) -> Result<Lsn, Error> {
         let deadline = Instant::now() + self.config.wal.slot_wait;
@@ -321,12 +193,7 @@ impl WalSource {
                 })?;
             match info.active_pid {
                 None => {
-                    let lsn = info
-                        .confirmed_flush
-                        .as_deref()
-                        .and_then(|s| Lsn::parse(s).ok())
-                        .unwrap_or(Lsn(0));
-                    return Ok(lsn);
+                    return Ok(info.confirmed_flush.unwrap_or(Lsn(0)));
                 }
                 Some(pid) if Instant::now() >= deadline => {
                     return Err(Error::Setup(format!(
@@ -509,7 +376,7 @@ impl WalSource {
                 .save_progress(
                     &self.conn.client,
                     &self.slot,
-                    &confirmed.to_pg_string(),
+                    confirmed,
                     self.frontier.confirmed_commit_ms(),
                 )
                 .await?;
@@ -614,7 +481,7 @@ impl Source for WalSource {
         let saved = progress
             .as_ref()
             .filter(|p| p.trusted && self.backfill.is_none())
-            .and_then(|p| Lsn::parse(&p.confirmed_lsn).ok());
+            .map(|p| p.confirmed_lsn);
         let start = match saved {
             Some(saved) if saved > slot_start => {
                 info!(slot = %self.slot, slot_position = %slot_start, saved = %saved, "the slot is behind the saved progress (Postgres restarted); starting from the saved position");
@@ -630,17 +497,8 @@ impl Source for WalSource {
         // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
         // repair would start) until a transaction really is.
         self.saved = start;
-        if let Some(p) = progress
-            && let Ok(row) = self
-                .conn
-                .client
-                .query_one(
-                    "SELECT (extract(epoch from $1::text::timestamptz) * 1000)::bigint",
-                    &[&p.commit_time],
-                )
-                .await
-        {
-            self.frontier.set_confirmed_commit_ms(row.get(0));
+        if let Some(p) = progress {
+            self.frontier.set_confirmed_commit_ms(p.commit_ms);
         }
         self.repl = Some(repl);
         Ok(true)
