@@ -1,5 +1,6 @@
-//! Delivery: every committed event arrives, in order per aggregate, shaped as DESIGN.md says;
-//! rolled-back events never do; crashes, standbys, late commits and poison events lose nothing.
+//! Delivery: every committed event arrives, in order per aggregate, with the key, headers and
+//! properties of the README (Use it in your service); rolled-back events never do; crashes,
+//! standbys, late commits and poison events lose nothing.
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,8 @@ for_both_sources! {
     debezium_style_table_is_relayed_through_mapped_columns => debezium_table;
 }
 
-/// Checks the message contract of DESIGN.md on every received message.
+/// Checks every received message against the message format (README, Use it in your service):
+/// headers, payload, Kafka key or AMQP properties, destination.
 fn assert_message_contract(received: &[Received], expected: &[Written], broker: Broker) {
     let by_id: std::collections::HashMap<&str, &Written> =
         expected.iter().map(|w| (w.id.as_str(), w)).collect();
@@ -451,7 +453,7 @@ async fn unroutable_event_holds_its_aggregate(mode: Mode) {
     }
 }
 
-/// Issue 11's isolation case on a real broker: a bounded queue (`x-max-length` 0,
+/// Failure isolation on a real broker: a bounded queue (`x-max-length` 0,
 /// `reject-publish`) nacks every event of aggregate R, while 40 other aggregates are written
 /// at a steady rate. The healthy events must not wait for R's retries (the old core backed
 /// off as a whole, up to `backoff_max`), and R's events all arrive, in order, once the queue

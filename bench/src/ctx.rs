@@ -121,8 +121,8 @@ impl Ctx {
         })
     }
 
-    /// A phase failed: retried (other engineers' fault tests restart the shared services), with
-    /// a note in the report, or given up after [`ATTEMPTS`].
+    /// A phase failed: retried (fault tests running on the same machine restart the shared
+    /// services), with a note in the report, or given up after [`ATTEMPTS`].
     pub(crate) async fn failed(
         &mut self,
         phase: &str,

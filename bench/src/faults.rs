@@ -1,4 +1,4 @@
-//! The two fault measurements of issue 11, for each source × sink combination:
+//! The two fault measurements of the benchmark, for each source × sink combination:
 //!
 //! - **Failure isolation**: healthy commit→consumer latency at a moderate rate, first with
 //!   nothing failing (baseline), then with ONE extra aggregate whose every publish fails, on
@@ -35,7 +35,8 @@ const FAILING_TYPE: &str = "bench_fail";
 const RETRYING_AGGREGATES: &str = "outbox_relay_retrying_aggregates";
 const PUBLISH_FAILURES: &str = "outbox_relay_publish_failures_total";
 const DEAD_LETTERED: &str = "outbox_relay_dead_letters_total";
-/// Relay defaults (relay/src/config.rs) of the in-flight window, unless `--relay-env` sets them.
+/// Relay defaults (relay/src/config/mod.rs) of the in-flight window, unless `--relay-env` sets
+/// them.
 const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 const DEFAULT_BATCH_SIZE: usize = 1000;
 

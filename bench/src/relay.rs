@@ -1,5 +1,5 @@
 //! The relay under test: the real `outbox-relay` binary as a child process, configured the way
-//! the end-to-end suite does it (env names of DESIGN.md plus a TOML file with unique topic,
+//! the end-to-end suite does it (the fixed env names plus a TOML file with unique topic,
 //! exchange and slot names), its `/metrics`, and its footprint from `/proc`.
 
 use std::collections::{BTreeMap, HashMap};

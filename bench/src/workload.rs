@@ -1,13 +1,14 @@
-//! Key distributions of the drain backlogs (issue 8, "delivery engine" item 8): which aggregate
-//! each event of a backlog belongs to, and whether the backlog is committed event by event or
-//! in one transaction.
+//! Key distributions of the drain backlogs (`spread`, `10`, `1`, `zipf`, `one-txn`): which
+//! aggregate each event of a backlog belongs to, and whether the backlog is committed event by
+//! event or in one transaction.
 //!
 //! The assignment is deterministic (a fixed-seed SplitMix64 stream for Zipf), so two runs drain
 //! the same backlogs.
 
 use anyhow::{Result, bail};
 
-/// Events of the `one-txn` backlog at most (the issue's 100,000-event transaction).
+/// Events of the `one-txn` backlog at most (one transaction of 100,000 events, the size of the
+/// wal suite's big transaction).
 pub const ONE_TXN_MAX_EVENTS: u64 = 100_000;
 /// Zipf exponent of the `zipf` workload.
 pub const ZIPF_S: f64 = 1.1;

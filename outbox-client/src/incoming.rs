@@ -1,4 +1,4 @@
-//! A consumed outbox event: the message format of `DESIGN.md` read back, whatever the broker.
+//! A consumed outbox event: the message the relay publishes, read back, whatever the broker.
 //!
 //! Body = the payload JSON; headers `id`, `event_type`, `aggregate_type`, `aggregate_id`,
 //! `traceparent`, `tracestate` plus the row's own headers. On Kafka the key is the aggregate id;

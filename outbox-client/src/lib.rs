@@ -5,7 +5,7 @@
 //!   transaction, with the current OpenTelemetry context as W3C `traceparent` / `tracestate`,
 //!   so the relay's publish span and the consumer's span continue the writer's trace.
 //! - [`trace`]: capture and extract W3C trace context (the one place that knows the format).
-//! - [`incoming`]: the message format of `DESIGN.md` read back into an [`IncomingEvent`], with
+//! - [`incoming`]: the message the relay publishes, read back into an [`IncomingEvent`], with
 //!   the adapters for rdkafka (feature `kafka`) and lapin (feature `amqp`).
 //! - [`idempotency`]: [`claim`] records an event id in the consumer's own transaction, so a
 //!   redelivered event (the relay delivers at least once) is recognised and skipped.

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::trace::{self, TraceHeaders};
 use crate::{Error, TableName};
 
-/// An event to write to the outbox (see the table in `DESIGN.md`).
+/// An event to write to the outbox: one row of the outbox table `outbox-relay migrate` creates.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     /// The event id consumers deduplicate on; a UUIDv7 (time-ordered) unless set.

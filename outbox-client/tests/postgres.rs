@@ -30,7 +30,7 @@ impl TestDb {
             .unwrap();
         let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
         let mut conn = PgConnection::connect(&url).await.unwrap();
-        // The outbox table of DESIGN.md (what `outbox-relay migrate` creates), twice.
+        // The outbox table `outbox-relay migrate` creates (its default columns), twice.
         for table in ["outbox", "custom.events"] {
             sqlx::raw_sql(&format!(
                 "CREATE SCHEMA IF NOT EXISTS custom;

@@ -1,5 +1,8 @@
-//! Errors of the library. The split that matters is transient (retry with backoff while the
-//! relay keeps running) versus permanent (stop with a clear message, or dead-letter the event).
+//! Errors of the library. An [`Error`] carries its [`ErrorKind`], decided where it arises:
+//! transient (retry with backoff while the relay keeps running), or permanent, configuration or
+//! operator (stop with one clear message). A publish the broker did not confirm is a
+//! [`PublishError`] of its event instead, with a [`FailureKind`]: retried, paused for, or
+//! dead-lettered.
 
 use std::fmt;
 

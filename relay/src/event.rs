@@ -104,7 +104,8 @@ impl RowColumns {
     }
 }
 
-/// Headers every message carries (DESIGN.md), in this order, before the row's own headers.
+/// Headers every message carries (README, Use it in your service), in this order, before the
+/// row's own headers.
 pub const STANDARD_HEADERS: [&str; 6] = [
     "id",
     "event_type",
@@ -115,7 +116,7 @@ pub const STANDARD_HEADERS: [&str; 6] = [
 ];
 
 impl OutboxEvent {
-    /// The message headers of DESIGN.md: the standard ones, then the row's `headers` (which
+    /// The headers of every message: the standard ones, then the row's `headers` (which
     /// cannot override a standard one). `traceparent`/`tracestate` are the relay's publish
     /// span's (see [`crate::telemetry::start_publish_span`]), not the writer's.
     pub fn message_headers<'a>(

@@ -1,5 +1,6 @@
 //! outbox-relay: moves committed Postgres outbox rows to Kafka or RabbitMQ, at least once, in
-//! order per aggregate, carrying the writer's trace context. See `DESIGN.md` for the contracts.
+//! order per aggregate, carrying the writer's trace context. What it guarantees and how: README,
+//! section Guarantees and how they are kept.
 #![forbid(unsafe_code)]
 
 pub mod cli;

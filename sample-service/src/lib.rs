@@ -1,4 +1,4 @@
-//! The outbox-relay demo services (issue 5).
+//! The outbox-relay demo services: wallet and billing, run by `scripts/demo`.
 //!
 //! A streaming platform: **wallet** stores a customer's card and sells plans; each write is one
 //! Postgres transaction holding the business rows and an outbox event (through

@@ -1,6 +1,6 @@
 //! Configuration: a TOML file (`--config`) with every setting overridable from the environment.
 //!
-//! The env names of `DESIGN.md` (`DATABASE_URL`, `RELAY_SOURCE`, `RELAY_SINK`,
+//! The env names of the README (Configuration: `DATABASE_URL`, `RELAY_SOURCE`, `RELAY_SINK`,
 //! `RELAY_KAFKA_BROKERS`, `RELAY_AMQP_URL`, `RELAY_HTTP_ADDR`) are fixed so a sidecar can be
 //! configured with env alone. Any other key is reachable as `RELAY_<SECTION>__<KEY>`, e.g.
 //! `RELAY_KAFKA__TOPIC` or `RELAY_OUTBOX__COLUMNS__AGGREGATE_ID`.
@@ -304,7 +304,7 @@ impl Default for HttpConfig {
     }
 }
 
-/// Env names fixed by DESIGN.md and the keys they set.
+/// The fixed env names (README, Configuration) and the keys they set.
 const FIXED_ENV: [(&str, &str); 6] = [
     ("DATABASE_URL", "database_url"),
     ("RELAY_SOURCE", "source"),

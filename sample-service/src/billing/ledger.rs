@@ -12,7 +12,7 @@
 //! same partition or queue. The `CardAdded` handler charges the wallet's parked purchases in
 //! its own transaction; [`Ledger::retry_due`] retries parked purchases with exponential
 //! backoff (covering a card committed concurrently) and moves those still without a card after
-//! `retry_limit` attempts to `dead_letters`.
+//! [`RetryPolicy::limit`] attempts (`BILLING_RETRY_LIMIT`) to `dead_letters`.
 
 use std::time::Duration;
 
