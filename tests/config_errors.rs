@@ -109,7 +109,10 @@ async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
             migrate_first: false,
             ..case(
                 "unknown key",
-                &["unknown key `poll.batchsize`", "batch_size"],
+                &[
+                    "unknown key `poll.batchsize`",
+                    "batch_size (moved to `delivery.batch_size`)",
+                ],
             )
         },
         Case {

@@ -619,10 +619,24 @@ fn describe_figment(e: figment::Error) -> String {
                 .map(|m| format!(" (from {})", m.name))
                 .unwrap_or_default();
             match &e.kind {
-                Kind::UnknownField(field, expected) => format!(
-                    "unknown key `{key}`{origin}; `{field}` is not one of: {}",
-                    expected.join(", ")
-                ),
+                Kind::UnknownField(field, expected) => {
+                    // A moved key is still accepted, but the hint points to its new home.
+                    let section = e.path[..e.path.len().saturating_sub(1)].join(".");
+                    let expected: Vec<String> = expected
+                        .iter()
+                        .map(|f| {
+                            let full = format!("{section}.{f}");
+                            match MOVED.iter().find(|(old, _)| *old == full) {
+                                Some((_, new)) => format!("{f} (moved to `{new}`)"),
+                                None => f.to_string(),
+                            }
+                        })
+                        .collect();
+                    format!(
+                        "unknown key `{key}`{origin}; `{field}` is not one of: {}",
+                        expected.join(", ")
+                    )
+                }
                 Kind::UnknownVariant(value, expected) => format!(
                     "`{key}` = `{value}` is not valid{origin}; use one of: {}",
                     expected.join(", ")
@@ -774,6 +788,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key `poll.batchsize`"), "{err}");
+        // The hint still lists the old key, but as what it is now.
+        assert!(
+            err.contains("batch_size (moved to `delivery.batch_size`)"),
+            "{err}"
+        );
     }
 
     #[test]
