@@ -77,8 +77,8 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
     let events = env_or("CHAOS_EVENTS", 4_000) as usize;
     let seconds = env_or("CHAOS_SECONDS", 20);
     let started = Instant::now();
-    let toml = "[poll]\nstandby_interval = \"250ms\"\nbatch_size = 500\n\
-                [delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"2s\"\n";
+    let toml = "[delivery]\nstandby_interval = \"250ms\"\nbatch_size = 500\n\
+                backoff_initial = \"100ms\"\nbackoff_max = \"2s\"\n";
     let mut s = Scenario::of(mode, broker, toml).await;
     // Kafka: a private tansu behind a proxy we can cut.
     let mut _tansu = None;

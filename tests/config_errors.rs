@@ -109,7 +109,25 @@ async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
             migrate_first: false,
             ..case(
                 "unknown key",
-                &["unknown key `poll.batchsize`", "batch_size"],
+                &[
+                    "unknown key `poll.batchsize`",
+                    "batch_size (moved to `delivery.batch_size`)",
+                ],
+            )
+        },
+        Case {
+            env: vec![
+                ("RELAY_POLL__BATCH_SIZE", "7".into()),
+                ("RELAY_DELIVERY__BATCH_SIZE", "8".into()),
+            ],
+            migrate_first: false,
+            ..case(
+                "deprecated key disagreeing with its new key",
+                &[
+                    "`RELAY_POLL__BATCH_SIZE` = 7",
+                    "`RELAY_DELIVERY__BATCH_SIZE` = 8",
+                    "keep only `delivery.batch_size`",
+                ],
             )
         },
         Case {
@@ -248,4 +266,59 @@ async fn bad_rabbitmq_settings_give_one_clear_message() {
     for c in cases {
         check(c, Broker::Rabbitmq).await;
     }
+}
+
+/// Settings that moved out of `[poll]` keep working under their old env name for a while: the
+/// value takes effect, and start-up says once what to set instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_poll_batch_size_env_key_still_works_and_warns_once_that_it_will_be_removed() {
+    let mut s = Scenario::new(Broker::Rabbitmq).await;
+    s.extra_env
+        .push(("RELAY_POLL__BATCH_SIZE".into(), "3".into()));
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    // Written before the relay starts, so its first read finds more than 3 pending events.
+    let written = write_events(&s.db.url, "wallet", 4, 3, 1).await;
+    let relay = s.start_relay();
+    let received = reader.read_until(&written, Duration::from_secs(60)).await;
+    tally(&written, &received).assert_complete_and_ordered();
+    let logs = relay.logs();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("is deprecated"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one deprecation warning expected: {logs}"
+    );
+    for fragment in [
+        "WARN",
+        "`RELAY_POLL__BATCH_SIZE` is deprecated and will be removed",
+        "set `RELAY_DELIVERY__BATCH_SIZE` instead",
+    ] {
+        assert!(
+            warnings[0].contains(fragment),
+            "`{fragment}` missing from: {}",
+            warnings[0]
+        );
+    }
+    // The old key's value is the batch size in force: no read took more than 3 events.
+    let reads: Vec<usize> = logs
+        .lines()
+        .filter(|l| l.contains("read pending events"))
+        .filter_map(|l| {
+            l.split("count=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(
+        reads.iter().max(),
+        Some(&3),
+        "batch sizes read: {reads:?}\n{logs}"
+    );
 }

@@ -98,7 +98,7 @@ async fn delivers_every_event_in_aggregate_order(mode: Mode, broker: Broker) {
 /// only from the window that was in flight.
 async fn relay_killed_mid_stream_loses_nothing(mode: Mode, broker: Broker) {
     // Small batches so the kill lands between many confirmations.
-    let s = Scenario::of(mode, broker, "[poll]\nbatch_size = 50\n").await;
+    let s = Scenario::of(mode, broker, "[delivery]\nbatch_size = 50\n").await;
     s.migrate();
     let mut reader = s.reader(&["wallet"]).await;
     let mut relay = s.start_relay();
@@ -127,7 +127,7 @@ async fn standby_takes_over(mode: Mode) {
     let s = Scenario::of(
         mode,
         Broker::Rabbitmq,
-        "[poll]\nstandby_interval = \"500ms\"\n",
+        "[delivery]\nstandby_interval = \"500ms\"\n",
     )
     .await;
     s.migrate();

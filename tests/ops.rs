@@ -681,7 +681,7 @@ async fn daemon_retention_cleanup_and_purge_of_dead_letters() {
     let s = Scenario::of(
         Mode::Poll,
         Broker::Rabbitmq,
-        "[poll]\nretention = \"1s\"\ncleanup_interval = \"1s\"\n\
+        "[outbox]\nretention = \"1s\"\ncleanup_interval = \"1s\"\n\
          [delivery]\nmax_attempts = 1\nbackoff_initial = \"50ms\"\n",
     )
     .await;

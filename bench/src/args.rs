@@ -52,7 +52,7 @@ pub(crate) struct Args {
     /// Seconds per latency run [default: 60, quick: 5].
     #[arg(long)]
     pub(crate) latency_secs: Option<u64>,
-    /// Extra environment for the relay, e.g. `--relay-env RELAY_POLL__BATCH_SIZE=5000` (for
+    /// Extra environment for the relay, e.g. `--relay-env RELAY_DELIVERY__BATCH_SIZE=5000` (for
     /// experiments; the report lists what was set).
     #[arg(long, value_name = "KEY=VALUE")]
     pub(crate) relay_env: Vec<String>,

@@ -11,7 +11,7 @@
 //! - **Duplicates per SIGKILL**: paced writers, the relay SIGKILLed and restarted at once a few
 //!   times, then drained; every delivery counted. What a dying relay had sent and not yet
 //!   confirmed is sent again after the restart, so the duplicates of one kill should stay within
-//!   the in-flight window, `delivery.max_in_flight × poll.batch_size`.
+//!   the in-flight window, `delivery.max_in_flight × delivery.batch_size`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +35,8 @@ const FAILING_TYPE: &str = "bench_fail";
 const RETRYING_AGGREGATES: &str = "outbox_relay_retrying_aggregates";
 const PUBLISH_FAILURES: &str = "outbox_relay_publish_failures_total";
 const DEAD_LETTERED: &str = "outbox_relay_dead_letters_total";
-/// Relay defaults (relay/src/config/mod.rs) of the in-flight window, unless `--relay-env` sets
-/// them.
+/// Relay defaults (`[delivery]` in relay/src/config/mod.rs) of the in-flight window, unless
+/// `--relay-env` sets them.
 const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 const DEFAULT_BATCH_SIZE: usize = 1000;
 
@@ -278,11 +278,12 @@ fn behind_note(ctx: &mut Ctx, what: &str, offered: u64, achieved: f64) {
     }
 }
 
-/// `KEY=VALUE` of `--relay-env` as a number, or `default`.
-fn relay_setting(env: &[(String, String)], key: &str, default: usize) -> usize {
+/// `KEY=VALUE` of `--relay-env` as a number, or `default`; `keys` are the setting's env names
+/// (the current one and a deprecated one the relay still reads), the last one given wins.
+fn relay_setting(env: &[(String, String)], keys: &[&str], default: usize) -> usize {
     env.iter()
         .rev()
-        .find(|(k, _)| k == key)
+        .find(|(k, _)| keys.contains(&k.as_str()))
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(default)
 }
@@ -414,12 +415,12 @@ async fn kills_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<KillRun>
     }
     let max_in_flight = relay_setting(
         &setup.extra_env,
-        "RELAY_DELIVERY__MAX_IN_FLIGHT",
+        &["RELAY_DELIVERY__MAX_IN_FLIGHT"],
         DEFAULT_MAX_IN_FLIGHT,
     );
     let batch_size = relay_setting(
         &setup.extra_env,
-        "RELAY_POLL__BATCH_SIZE",
+        &["RELAY_DELIVERY__BATCH_SIZE", "RELAY_POLL__BATCH_SIZE"],
         DEFAULT_BATCH_SIZE,
     );
     let window = max_in_flight * batch_size;
@@ -458,11 +459,22 @@ mod tests {
 
     #[test]
     fn relay_settings_come_from_relay_env_last_one_wins() {
+        let batch_size = ["RELAY_DELIVERY__BATCH_SIZE", "RELAY_POLL__BATCH_SIZE"];
         let env = vec![
-            ("RELAY_POLL__BATCH_SIZE".to_string(), "5000".to_string()),
-            ("RELAY_POLL__BATCH_SIZE".to_string(), "200".to_string()),
+            ("RELAY_DELIVERY__BATCH_SIZE".to_string(), "5000".to_string()),
+            ("RELAY_DELIVERY__BATCH_SIZE".to_string(), "200".to_string()),
         ];
-        assert_eq!(relay_setting(&env, "RELAY_POLL__BATCH_SIZE", 1000), 200);
-        assert_eq!(relay_setting(&env, "RELAY_DELIVERY__MAX_IN_FLIGHT", 4), 4);
+        assert_eq!(relay_setting(&env, &batch_size, 1000), 200);
+        assert_eq!(
+            relay_setting(&env, &["RELAY_DELIVERY__MAX_IN_FLIGHT"], 4),
+            4
+        );
+    }
+
+    #[test]
+    fn the_deprecated_batch_size_name_still_counts_for_the_in_flight_window() {
+        let env = vec![("RELAY_POLL__BATCH_SIZE".to_string(), "300".to_string())];
+        let batch_size = ["RELAY_DELIVERY__BATCH_SIZE", "RELAY_POLL__BATCH_SIZE"];
+        assert_eq!(relay_setting(&env, &batch_size, 1000), 300);
     }
 }

@@ -244,8 +244,8 @@ pub struct KillRun {
     pub duplicates_before_first_kill: usize,
     pub max_duplicates_per_kill: usize,
     pub mean_duplicates_per_kill: f64,
-    /// delivery.max_in_flight × poll.batch_size (the wal source reads batches of
-    /// poll.batch_size too): what can be sent and not yet confirmed when the relay dies.
+    /// delivery.max_in_flight × delivery.batch_size (batches of either source): what can be
+    /// sent and not yet confirmed when the relay dies.
     pub in_flight_window: usize,
     pub window_formula: String,
     pub order_checked: usize,
@@ -667,7 +667,7 @@ impl Report {
             "| relay | `{}`, release build, {} |",
             m.relay_commit,
             if s.relay_env.is_empty() {
-                "default settings (poll.batch_size = 1000), 3 partitions".to_string()
+                "default settings (delivery.batch_size = 1000), 3 partitions".to_string()
             } else {
                 format!(
                     "3 partitions, changed settings: `{}`",
@@ -1099,8 +1099,8 @@ impl Report {
             "Writers at {} events/s over {} aggregates for {} s; the relay SIGKILLed {} times at even intervals and \
              restarted at once (the same configuration), then left to drain. Every message the consumer read is counted: \
              duplicates are deliveries of an event already read, attributed to the kill they followed (read after kill i, \
-             before kill i + 1). In-flight window: delivery.max_in_flight × poll.batch_size (the wal source reads batches \
-             of poll.batch_size too), what can be sent and not yet confirmed when the relay dies. Order: first deliveries \
+             before kill i + 1). In-flight window: delivery.max_in_flight × delivery.batch_size (batches of either source), \
+             what can be sent and not yet confirmed when the relay dies. Order: first deliveries \
              per aggregate, as in the drains. restart: from the SIGKILL to the new instance's `relay started` line.\n",
             s.kill_rate, s.kill_aggregates, s.kill_secs, s.kills
         );

@@ -7,6 +7,10 @@
 //!
 //! Unknown keys in the file are errors (a typo must not silently fall back to a default), and
 //! [`Config::validate`] runs before anything connects, so a bad setting is one clear message.
+//!
+//! A setting that moved keeps working under its old key for a while ([`MOVED`]): its value
+//! lands in the new field, start-up logs one warning per old key that names the new one, and
+//! the old and the new key set to different values is an error, never a silent choice.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +18,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::error::Error;
 use crate::ident::{QualifiedName, validate_ident};
@@ -93,6 +98,17 @@ pub struct OutboxConfig {
     /// The dead-letter table; defaults to `<table>_dead_letters` in the outbox's schema.
     pub dead_letter_table: Option<String>,
     pub columns: ColumnsConfig,
+    /// How long relayed rows stay in the table for `replay` before the daemon deletes them.
+    /// Under `[outbox]` because it is about the table's rows, whichever source reads them
+    /// (was `poll.retention`). poll: published rows; `0s` deletes a row as soon as the broker
+    /// confirmed it. wal: rows older than this are deleted, except those a repair of a lost
+    /// slot may still need (`wal.repair_margin`); `0s` deletes nothing.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the daemon deletes rows past `retention` (wal: and forgets the publish
+    /// attempts of events that are settled). With `retention` (was `poll.cleanup_interval`).
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -101,6 +117,8 @@ impl Default for OutboxConfig {
             table: "outbox".into(),
             dead_letter_table: None,
             columns: ColumnsConfig::default(),
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
         }
     }
 }
@@ -153,11 +171,10 @@ impl ColumnsConfig {
     }
 }
 
+/// The polling publisher (`RELAY_SOURCE=poll`): only what no other part of the relay uses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollConfig {
-    /// Most events read and published in one round.
-    pub batch_size: usize,
     /// Fallback poll when no NOTIFY arrives (NOTIFY wakes the relay at once); with
     /// `notify = false`, the only poll.
     #[serde(with = "humantime_serde")]
@@ -166,27 +183,27 @@ pub struct PollConfig {
     /// database-wide lock at commit, which serialises the commits of busy writers; `false`
     /// makes `migrate` drop the trigger and the relay poll every `interval` instead.
     pub notify: bool,
-    /// How long published events are kept for `replay` before the daemon deletes them.
-    /// `0s` deletes an event as soon as the broker confirmed it.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-    /// How often the daemon deletes published events older than `retention`.
-    #[serde(with = "humantime_serde")]
-    pub cleanup_interval: Duration,
-    /// How often a standby instance tries to become the active one.
-    #[serde(with = "humantime_serde")]
-    pub standby_interval: Duration,
+    // Deprecated keys, read only to be moved to their new home by `Config::load` (see
+    // `MOVED`), which leaves them `None`: nothing else may read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<usize>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    retention: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    cleanup_interval: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    standby_interval: Option<Duration>,
 }
 
 impl Default for PollConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1000,
             interval: Duration::from_secs(1),
             notify: true,
-            retention: Duration::from_secs(24 * 3600),
-            cleanup_interval: Duration::from_secs(60),
-            standby_interval: Duration::from_secs(1),
+            batch_size: None,
+            retention: None,
+            cleanup_interval: None,
+            standby_interval: None,
         }
     }
 }
@@ -266,6 +283,16 @@ pub struct DeliveryConfig {
     /// earlier ones wait for the broker. Also bounds what can reach the broker behind a failed
     /// event of its aggregate before the failure is known (it is sent again, in order, after).
     pub max_in_flight: usize,
+    /// Most events read from the source and sent as one batch, by either source. Here, next to
+    /// `max_in_flight`, because the two make the in-flight window: at most `max_in_flight ×
+    /// batch_size` events are sent and not yet confirmed, which is also what a crash may send
+    /// again (was `poll.batch_size`).
+    pub batch_size: usize,
+    /// How often a standby instance tries to become the active relay (either source: the
+    /// advisory lock, plus the slot in wal mode). Here because, like `shutdown_timeout`, it
+    /// decides when this instance delivers (was `poll.standby_interval`).
+    #[serde(with = "humantime_serde")]
+    pub standby_interval: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -277,6 +304,8 @@ impl Default for DeliveryConfig {
             backoff_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             max_in_flight: 4,
+            batch_size: 1000,
+            standby_interval: Duration::from_secs(1),
         }
     }
 }
@@ -314,10 +343,88 @@ const FIXED_ENV: [(&str, &str); 6] = [
     ("RELAY_HTTP_ADDR", "http.addr"),
 ];
 
+/// Settings that moved, `(old key, new key)`: the old key still works, with a warning, until
+/// it is removed. [`Config::move_deprecated`] does the moving, one line per pair.
+pub const MOVED: [(&str, &str); 4] = [
+    ("poll.batch_size", "delivery.batch_size"),
+    ("poll.standby_interval", "delivery.standby_interval"),
+    ("poll.retention", "outbox.retention"),
+    ("poll.cleanup_interval", "outbox.cleanup_interval"),
+];
+
+/// A deprecated key that was set: what start-up warns about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Deprecation {
+    /// The old key, e.g. `poll.batch_size`.
+    old: &'static str,
+    /// The key that replaces it, e.g. `delivery.batch_size`.
+    new: &'static str,
+    /// Where the old key was set.
+    origin: Origin,
+}
+
+/// Where a setting came from, to name it the way the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    /// `RELAY_<SECTION>__<KEY>`.
+    Env,
+    /// A TOML file (its path, when known).
+    File(Option<std::path::PathBuf>),
+}
+
+impl Origin {
+    fn of(settings: &Figment, key: &str) -> Self {
+        match settings.find_metadata(key) {
+            Some(m) if m.name.contains("environment variable") => Origin::Env,
+            Some(m) => Origin::File(
+                m.source
+                    .as_ref()
+                    .and_then(|s| s.file_path())
+                    .map(Into::into),
+            ),
+            None => Origin::File(None),
+        }
+    }
+
+    /// The key as the user wrote it: `RELAY_POLL__BATCH_SIZE` or `poll.batch_size`.
+    fn name(&self, key: &str) -> String {
+        match self {
+            Origin::Env => format!("`{}`", env_name(key)),
+            Origin::File(Some(path)) => format!("`{key}` (in {})", path.display()),
+            Origin::File(None) => format!("`{key}`"),
+        }
+    }
+}
+
+/// The env variable of a key: `poll.batch_size` → `RELAY_POLL__BATCH_SIZE`.
+fn env_name(key: &str) -> String {
+    format!("RELAY_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+impl std::fmt::Display for Deprecation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let old = self.origin.name(self.old);
+        let removed = "is deprecated and will be removed in a future release";
+        match self.origin {
+            Origin::Env => write!(
+                f,
+                "{old} {removed}; set `{}` instead (`{}` moved to `{}`)",
+                env_name(self.new),
+                self.old,
+                self.new
+            ),
+            Origin::File(_) => write!(f, "{old} {removed}; set `{}` instead", self.new),
+        }
+    }
+}
+
 impl Config {
     /// Defaults, then the file (if any), then the environment; validated.
+    ///
+    /// Each deprecated key that is set ([`MOVED`]) is logged here as one warning, so logging
+    /// must be set up before (`main` does it first).
     pub fn load(file: Option<&Path>) -> Result<Self, Error> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let mut settings = Figment::new();
         if let Some(path) = file {
             if !path.exists() {
                 return Err(Error::Config(format!(
@@ -325,21 +432,73 @@ impl Config {
                     path.display()
                 )));
             }
-            figment = figment.merge(Toml::file_exact(path));
+            settings = settings.merge(Toml::file_exact(path));
         }
         for (var, key) in FIXED_ENV {
-            figment = figment.merge(Env::raw().only(&[var]).map(move |_| key.into()));
+            settings = settings.merge(Env::raw().only(&[var]).map(move |_| key.into()));
         }
-        figment = figment.merge(
+        settings = settings.merge(
             Env::prefixed("RELAY_")
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
-        let config: Config = figment
-            .extract()
-            .map_err(|e| Error::Config(describe_figment(e)))?;
+        let (config, deprecations) = Self::from_settings(&settings)?;
+        // Before validating: a bad value under an old key is reported as its new key.
+        for d in &deprecations {
+            warn!(old_key = d.old, new_key = d.new, "{d}");
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The defaults overridden by `settings` (what the user set: file and environment), with
+    /// deprecated keys moved to their new home; not validated yet.
+    fn from_settings(settings: &Figment) -> Result<(Self, Vec<Deprecation>), Error> {
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(settings.clone())
+            .extract()
+            .map_err(|e| Error::Config(describe_figment(e)))?;
+        let deprecations = config.move_deprecated(settings)?;
+        Ok((config, deprecations))
+    }
+
+    /// Moves the value of each deprecated key that is set to its new field (see [`MOVED`]).
+    fn move_deprecated(&mut self, settings: &Figment) -> Result<Vec<Deprecation>, Error> {
+        let [batch_size, standby_interval, retention, cleanup_interval] = MOVED;
+        let count = |n: &usize| n.to_string();
+        let time = |d: &Duration| humantime::format_duration(*d).to_string();
+        let p = &mut self.poll;
+        let moved = [
+            moved(
+                settings,
+                batch_size,
+                &mut p.batch_size,
+                &mut self.delivery.batch_size,
+                count,
+            )?,
+            moved(
+                settings,
+                standby_interval,
+                &mut p.standby_interval,
+                &mut self.delivery.standby_interval,
+                time,
+            )?,
+            moved(
+                settings,
+                retention,
+                &mut p.retention,
+                &mut self.outbox.retention,
+                time,
+            )?,
+            moved(
+                settings,
+                cleanup_interval,
+                &mut p.cleanup_interval,
+                &mut self.outbox.cleanup_interval,
+                time,
+            )?,
+        ];
+        Ok(moved.into_iter().flatten().collect())
     }
 
     /// Checks everything that can be checked without connecting.
@@ -385,10 +544,10 @@ impl Config {
                 return bad("wal.status_interval must be greater than 0".into());
             }
         }
-        if self.poll.batch_size == 0 || self.poll.batch_size > 100_000 {
+        if self.delivery.batch_size == 0 || self.delivery.batch_size > 100_000 {
             return bad(format!(
-                "poll.batch_size = {} is out of range; use 1..=100000",
-                self.poll.batch_size
+                "delivery.batch_size = {} is out of range; use 1..=100000",
+                self.delivery.batch_size
             ));
         }
         if self.poll.interval.is_zero() {
@@ -421,6 +580,33 @@ impl Config {
     }
 }
 
+/// Takes the value of the deprecated key `old` (if set) into the field of its new key `new`.
+/// Both set to different values is an error: which one should win is the user's call.
+fn moved<T: PartialEq>(
+    settings: &Figment,
+    (old, new): (&'static str, &'static str),
+    old_value: &mut Option<T>,
+    new_value: &mut T,
+    show: impl Fn(&T) -> String,
+) -> Result<Option<Deprecation>, Error> {
+    let Some(value) = old_value.take() else {
+        return Ok(None);
+    };
+    let origin = Origin::of(settings, old);
+    if settings.contains(new) && *new_value != value {
+        return Err(Error::Config(format!(
+            "{} = {} and {} = {} are both set and differ; `{old}` is the deprecated name of \
+             `{new}`: remove it and keep only `{new}`",
+            origin.name(old),
+            show(&value),
+            Origin::of(settings, new).name(new),
+            show(new_value),
+        )));
+    }
+    *new_value = value;
+    Ok(Some(Deprecation { old, new, origin }))
+}
+
 fn describe_figment(e: figment::Error) -> String {
     use figment::error::Kind;
     // figment names the key and the provider (file or env) of every error.
@@ -433,10 +619,24 @@ fn describe_figment(e: figment::Error) -> String {
                 .map(|m| format!(" (from {})", m.name))
                 .unwrap_or_default();
             match &e.kind {
-                Kind::UnknownField(field, expected) => format!(
-                    "unknown key `{key}`{origin}; `{field}` is not one of: {}",
-                    expected.join(", ")
-                ),
+                Kind::UnknownField(field, expected) => {
+                    // A moved key is still accepted, but the hint points to its new home.
+                    let section = e.path[..e.path.len().saturating_sub(1)].join(".");
+                    let expected: Vec<String> = expected
+                        .iter()
+                        .map(|f| {
+                            let full = format!("{section}.{f}");
+                            match MOVED.iter().find(|(old, _)| *old == full) {
+                                Some((_, new)) => format!("{f} (moved to `{new}`)"),
+                                None => f.to_string(),
+                            }
+                        })
+                        .collect();
+                    format!(
+                        "unknown key `{key}`{origin}; `{field}` is not one of: {}",
+                        expected.join(", ")
+                    )
+                }
                 Kind::UnknownVariant(value, expected) => format!(
                     "`{key}` = `{value}` is not valid{origin}; use one of: {}",
                     expected.join(", ")
@@ -471,5 +671,138 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("kafka.topic"), "{err}");
         assert!(err.contains("aggregatetype"), "{err}");
+    }
+
+    /// What the user set, as a TOML file would give it (the env provider is covered by
+    /// `tests/config_errors.rs`, which runs the binary).
+    fn load_toml(toml: &str) -> Result<(Config, Vec<Deprecation>), Error> {
+        let toml = format!("database_url = \"postgres://postgres@127.0.0.1/app\"\n{toml}");
+        let (config, deprecations) = Config::from_settings(&Figment::from(Toml::string(&toml)))?;
+        config.validate()?;
+        Ok((config, deprecations))
+    }
+
+    #[test]
+    fn moved_settings_are_read_from_their_new_keys_without_warning() {
+        let (c, deprecations) = load_toml(
+            "[delivery]\nbatch_size = 50\nstandby_interval = \"250ms\"\n\
+             [outbox]\nretention = \"2m\"\ncleanup_interval = \"10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(deprecations, vec![]);
+        assert_eq!(c.delivery.batch_size, 50);
+        assert_eq!(c.delivery.standby_interval, Duration::from_millis(250));
+        assert_eq!(c.outbox.retention, Duration::from_secs(120));
+        assert_eq!(c.outbox.cleanup_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn old_poll_keys_still_set_the_new_fields_with_one_deprecation_each() {
+        let (c, deprecations) = load_toml(
+            "[poll]\nbatch_size = 50\nstandby_interval = \"250ms\"\nretention = \"2m\"\n\
+             cleanup_interval = \"10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.batch_size, 50);
+        assert_eq!(c.delivery.standby_interval, Duration::from_millis(250));
+        assert_eq!(c.outbox.retention, Duration::from_secs(120));
+        assert_eq!(c.outbox.cleanup_interval, Duration::from_secs(10));
+        let pairs: Vec<_> = deprecations.iter().map(|d| (d.old, d.new)).collect();
+        assert_eq!(pairs, MOVED.to_vec());
+        let warning = deprecations[0].to_string();
+        for fragment in [
+            "`poll.batch_size`",
+            "`delivery.batch_size`",
+            "will be removed",
+        ] {
+            assert!(
+                warning.contains(fragment),
+                "`{fragment}` missing from: {warning}"
+            );
+        }
+    }
+
+    #[test]
+    fn old_keys_are_moved_out_so_a_config_dump_shows_only_the_new_ones() {
+        let (c, _) = load_toml("[poll]\nbatch_size = 50\nretention = \"2m\"\n").unwrap();
+        let dump = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            dump["poll"],
+            serde_json::json!({"interval": "1s", "notify": true}),
+            "{dump}"
+        );
+        assert_eq!(dump["delivery"]["batch_size"], 50, "{dump}");
+        assert_eq!(dump["outbox"]["retention"], "2m", "{dump}");
+    }
+
+    #[test]
+    fn an_old_key_and_its_new_key_set_to_different_values_is_an_error_naming_both() {
+        let err = load_toml("[poll]\nbatch_size = 50\n[delivery]\nbatch_size = 60\n")
+            .unwrap_err()
+            .to_string();
+        for fragment in [
+            "`poll.batch_size` = 50",
+            "`delivery.batch_size` = 60",
+            "remove it",
+        ] {
+            assert!(err.contains(fragment), "`{fragment}` missing from: {err}");
+        }
+        let err = load_toml("[poll]\nretention = \"1h\"\n[outbox]\nretention = \"2h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`poll.retention` = 1h"), "{err}");
+        assert!(err.contains("`outbox.retention` = 2h"), "{err}");
+    }
+
+    #[test]
+    fn an_old_key_and_its_new_key_set_to_the_same_value_only_warn() {
+        let (c, deprecations) = load_toml(
+            "[poll]\nstandby_interval = \"1000ms\"\n[delivery]\nstandby_interval = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.delivery.standby_interval, Duration::from_secs(1));
+        assert_eq!(deprecations.len(), 1);
+    }
+
+    #[test]
+    fn a_deprecated_key_from_the_environment_is_named_by_its_variable() {
+        let d = Deprecation {
+            old: "poll.batch_size",
+            new: "delivery.batch_size",
+            origin: Origin::Env,
+        };
+        let warning = d.to_string();
+        assert!(
+            warning.starts_with("`RELAY_POLL__BATCH_SIZE` is deprecated and will be removed"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("set `RELAY_DELIVERY__BATCH_SIZE` instead"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_the_poll_section_are_still_errors() {
+        let err = load_toml("[poll]\nbatchsize = 50\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `poll.batchsize`"), "{err}");
+        // The hint still lists the old key, but as what it is now.
+        assert!(
+            err.contains("batch_size (moved to `delivery.batch_size`)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_out_of_range_batch_size_is_reported_under_its_new_key() {
+        let err = load_toml("[poll]\nbatch_size = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.batch_size = 0 is out of range"),
+            "{err}"
+        );
     }
 }

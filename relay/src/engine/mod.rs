@@ -28,7 +28,7 @@
 //! in-flight events are back and its own backoff has passed. Then the failed event goes first
 //! and the rest follows in order. What was in flight behind a failure may already have reached
 //! the broker once (counted in `outbox_relay_sent_behind_failure_total`; only events of the same
-//! batch, so at most `poll.batch_size`); it is sent again behind the failed event,
+//! batch, so at most `delivery.batch_size`); it is sent again behind the failed event,
 //! so consumers see it again in order (a duplicate, deduplicated by id). With `hold`, an
 //! event that becomes a dead letter holds its aggregate: nothing behind it is confirmed, or sent
 //! again, until the dead letter is retried or discarded.
@@ -267,7 +267,7 @@ impl Engine<'_> {
             if !leadership.is_cancelled() && self.paused_until.is_none() {
                 while self.flights.len() < max_in_flight {
                     let blocked = self.aggregates.blocked();
-                    let max = self.config.poll.batch_size;
+                    let max = self.config.delivery.batch_size;
                     let batch = if stopping {
                         source.next_read(max, &blocked).await?
                     } else {

@@ -229,7 +229,7 @@ fn events(n: i64, aggregates: &[&str]) -> Vec<OutboxEvent> {
 
 fn config(on_dead_letter: OnDeadLetter, max_attempts: u32) -> Config {
     let mut c = Config::default();
-    c.poll.batch_size = 10;
+    c.delivery.batch_size = 10;
     c.delivery.max_in_flight = 4;
     c.delivery.max_attempts = max_attempts;
     c.delivery.on_dead_letter = on_dead_letter;

@@ -10,7 +10,7 @@
 //!
 //! One active instance per outbox: a session-level advisory lock on the relay's connection.
 //! If the relay dies or its connection drops, Postgres releases the lock and a standby takes
-//! over at its next try (`poll.standby_interval`).
+//! over at its next try (`delivery.standby_interval`).
 
 use hashbrown::HashSet;
 use std::time::Instant;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Blocked, Source};
-use crate::config::{Config, PollConfig};
+use crate::config::Config;
 use crate::error::Error;
 use crate::event::OutboxEvent;
 use crate::outbox::{Outbox, PollStatements};
@@ -29,7 +29,7 @@ pub struct PollSource {
     conn: PgConn,
     outbox: Outbox,
     statements: PollStatements,
-    config: PollConfig,
+    config: Config,
     last_cleanup: Instant,
     /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released.
     out: HashSet<i64>,
@@ -37,18 +37,18 @@ pub struct PollSource {
 
 impl PollSource {
     async fn maybe_cleanup(&mut self) -> Result<(), Error> {
-        if self.config.retention.is_zero()
-            || self.last_cleanup.elapsed() < self.config.cleanup_interval
+        if self.config.outbox.retention.is_zero()
+            || self.last_cleanup.elapsed() < self.config.outbox.cleanup_interval
         {
             return Ok(());
         }
         self.last_cleanup = Instant::now();
         let deleted = self
             .outbox
-            .cleanup(&self.conn.client, self.config.retention)
+            .cleanup(&self.conn.client, self.config.outbox.retention)
             .await?;
         if deleted > 0 {
-            info!(deleted, retention = ?self.config.retention, "deleted published events past retention");
+            info!(deleted, retention = ?self.config.outbox.retention, "deleted published events past retention");
         }
         Ok(())
     }
@@ -87,7 +87,7 @@ impl Source for PollSource {
             conn,
             outbox,
             statements,
-            config: config.poll.clone(),
+            config: config.clone(),
             last_cleanup: Instant::now(),
             out: HashSet::new(),
         })
@@ -97,7 +97,7 @@ impl Source for PollSource {
         super::wait_for_lock(
             &self.conn,
             &self.outbox,
-            self.config.standby_interval,
+            self.config.delivery.standby_interval,
             shutdown,
         )
         .await
@@ -149,7 +149,7 @@ impl Source for PollSource {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(vec![]),
                 _ = self.conn.notifications.recv() => {}
-                _ = tokio::time::sleep(self.config.interval.min(until - now)) => {}
+                _ = tokio::time::sleep(self.config.poll.interval.min(until - now)) => {}
             }
         }
     }
@@ -164,7 +164,7 @@ impl Source for PollSource {
                 &self.conn.client,
                 &self.statements,
                 &seqs,
-                self.config.retention.is_zero(),
+                self.config.outbox.retention.is_zero(),
             )
             .await?;
         for seq in seqs {

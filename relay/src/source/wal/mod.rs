@@ -394,14 +394,14 @@ impl WalSource {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
             self.held_loaded = Instant::now();
         }
-        if self.last_cleanup.elapsed() >= self.config.poll.cleanup_interval {
+        if self.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
             self.last_cleanup = Instant::now();
             if self.attempts_table {
                 self.outbox
                     .clear_wal_attempts(&self.conn.client, &[])
                     .await?;
             }
-            let retention = self.config.poll.retention;
+            let retention = self.config.outbox.retention;
             if !retention.is_zero() {
                 // Rows a repair of a lost slot might still need (created after the last
                 // confirmed commit minus the margin) are kept, whatever the retention.
@@ -457,7 +457,7 @@ impl Source for WalSource {
         if !super::wait_for_lock(
             &self.conn,
             &self.outbox,
-            self.config.poll.standby_interval,
+            self.config.delivery.standby_interval,
             shutdown,
         )
         .await?
