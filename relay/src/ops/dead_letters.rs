@@ -297,8 +297,7 @@ pub(crate) async fn delete_and_release(
         .filter(|r| r.get::<_, bool>(3))
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let still = still_held(t, &held).await?;
-    let (still_held, released) = held.into_iter().partition(|k| still.contains(k));
+    let (released, still_held) = split_holds(t, held).await?;
     Ok(Released {
         deleted,
         released,
@@ -322,6 +321,15 @@ fn print_holds(released: &[(String, String)], still: &[(String, String)], still_
             describe_aggregates(still)
         );
     }
+}
+
+/// `touched` split into the aggregates now released and those another dead letter still holds.
+async fn split_holds(
+    t: &OpsTable,
+    touched: Vec<(String, String)>,
+) -> Result<(Vec<(String, String)>, Vec<(String, String)>), Error> {
+    let still = still_held(t, &touched).await?;
+    Ok(touched.into_iter().partition(|k| !still.contains(k)))
 }
 
 /// Which of `aggregates` a dead letter still holds.
@@ -465,18 +473,12 @@ async fn retry_poll(t: &OpsTable, where_sql: &str, params: &Params) -> Result<()
         .filter(|r| r.get::<_, bool>(3))
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let still = still_held(t, &held).await?;
-    let released: Vec<(String, String)> = held
-        .iter()
-        .filter(|k| !still.contains(*k))
-        .cloned()
-        .collect();
+    let (released, still) = split_holds(t, held).await?;
     println!(
         "moved {moved} dead letter{} back into `{}` at their original position; the relay publishes them before the events that waited behind them",
         if moved == 1 { "" } else { "s" },
         t.table().display()
     );
-    let still: Vec<(String, String)> = still.into_iter().collect();
     print_holds(&released, &still, "");
     Ok(())
 }
@@ -507,19 +509,12 @@ async fn retry_wal(
         println!("no dead letters match; nothing was changed");
         return Ok(());
     }
-    let touched: Vec<(String, String)> = touched.into_iter().collect();
-    let still = still_held(t, &touched).await?;
-    let released: Vec<(String, String)> = touched
-        .iter()
-        .filter(|k| !still.contains(*k))
-        .cloned()
-        .collect();
+    let (released, still) = split_holds(t, touched.into_iter().collect()).await?;
     println!(
         "published {sent} dead letter{} and deleted {}",
         if sent == 1 { "" } else { "s" },
         if sent == 1 { "it" } else { "them" }
     );
-    let still: Vec<(String, String)> = still.into_iter().collect();
     print_holds(&released, &still, "");
     Ok(())
 }

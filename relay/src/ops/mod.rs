@@ -294,6 +294,38 @@ pub(crate) fn confirm(question: &str, yes: bool) -> Result<(), Error> {
 }
 
 /// A plain text table: a header row, then rows, columns padded to the widest cell.
+/// A sample of selected events as a table: id, aggregate, type, creation time, then one column
+/// of the command's own (`last`: its header and the value for each event).
+pub(crate) fn event_sample_table(
+    events: impl IntoIterator<Item = (crate::event::OutboxEvent, String)>,
+    last: &str,
+) -> String {
+    let rows: Vec<Vec<String>> = events
+        .into_iter()
+        .map(|(e, extra)| {
+            vec![
+                e.id,
+                e.aggregate_type,
+                e.aggregate_id,
+                e.event_type,
+                e.created_at_ms.map(format_ms).unwrap_or_default(),
+                extra,
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "created_at",
+            last,
+        ],
+        &rows,
+    )
+}
+
 pub(crate) fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {

@@ -22,12 +22,12 @@ use clap::Args;
 
 use super::sql::{OpsTable, Params, dead_letter_conditions, where_all};
 use super::{
-    SelectionArgs, confirm, format_age, format_ms, invalid, parse_duration, parse_time,
-    render_table, server_now_ms, truncate,
+    SelectionArgs, confirm, event_sample_table, format_age, format_ms, invalid, parse_duration,
+    parse_time, render_table, server_now_ms, truncate,
 };
 use crate::config::Config;
 use crate::error::Error;
-use crate::outbox::{CLEANUP_BATCH, retention_interval};
+use crate::outbox::{CLEANUP_BATCH, EVENT_COLUMNS, retention_interval};
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
@@ -271,40 +271,16 @@ async fn sample_events(t: &OpsTable, where_sql: &str, params: &Params) -> Result
     if rows.is_empty() {
         return Ok(());
     }
-    let sample: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let e = OpsTable::event_from_row(r, 0, 0);
-            let published: Option<i64> = r.get(9);
-            vec![
-                e.id,
-                e.aggregate_type,
-                e.aggregate_id,
-                e.event_type,
-                e.created_at_ms.map(format_ms).unwrap_or_default(),
-                match published {
-                    Some(p) => format_ms(p),
-                    None if t.poll => "UNPUBLISHED".into(),
-                    None => String::new(),
-                },
-            ]
-        })
-        .collect();
-    println!("first {} in outbox order:", sample.len());
-    print!(
-        "{}",
-        render_table(
-            &[
-                "id",
-                "aggregate_type",
-                "aggregate_id",
-                "event_type",
-                "created_at",
-                "published_at"
-            ],
-            &sample
-        )
-    );
+    let sample = rows.iter().map(|r| {
+        let published = match r.get::<_, Option<i64>>(EVENT_COLUMNS) {
+            Some(p) => format_ms(p),
+            None if t.poll => "UNPUBLISHED".into(),
+            None => String::new(),
+        };
+        (OpsTable::event_from_row(r, 0, 0), published)
+    });
+    println!("first {} in outbox order:", rows.len());
+    print!("{}", event_sample_table(sample, "published_at"));
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::sql::{OpsTable, Params, where_all};
-use super::{SelectionArgs, format_age, format_ms, invalid, publish_ordered, render_table};
+use super::{SelectionArgs, event_sample_table, format_age, format_ms, invalid, publish_ordered};
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
@@ -339,34 +339,12 @@ async fn dry_run(
         println!("created between {} and {}", format_ms(a), format_ms(b));
     }
     println!("first {} in outbox order:", rows.len().min(SAMPLE as usize));
-    let sample: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let e = OpsTable::event_from_row(r, 0, 0);
-            vec![
-                e.id.clone(),
-                e.aggregate_type.clone(),
-                e.aggregate_id.clone(),
-                e.event_type.clone(),
-                e.created_at_ms.map(format_ms).unwrap_or_default(),
-                render_destination(config, &e),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render_table(
-            &[
-                "id",
-                "aggregate_type",
-                "aggregate_id",
-                "event_type",
-                "created_at",
-                "destination"
-            ],
-            &sample
-        )
-    );
+    let sample = rows.iter().map(|r| {
+        let e = OpsTable::event_from_row(r, 0, 0);
+        let destination = render_destination(config, &e);
+        (e, destination)
+    });
+    print!("{}", event_sample_table(sample, "destination"));
     println!("nothing was sent (dry run)");
     Ok(())
 }
