@@ -725,3 +725,46 @@ async fn an_upgrade_keeps_the_slot_of_the_former_default_name_and_its_position()
         .get(0);
     assert_eq!(slots, 1, "a second slot was created");
 }
+
+/// Attempts are kept across restarts in `<table>_relay_attempts`; the rows of events that an
+/// instance that died was still retrying must not stay there forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_attempts_nobody_made_for_a_day_are_forgotten_and_recent_ones_kept() {
+    let s = Scenario::of(
+        Mode::Wal,
+        Broker::Kafka,
+        &format!(
+            "[outbox]\ncleanup_interval = \"200ms\"\n[wal]\nslot = \"{}\"\n",
+            unique("slot")
+        ),
+    )
+    .await;
+    s.migrate();
+    let client = s.db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox_relay_attempts (event_id, attempts, last_error, updated_at) VALUES \
+             ('stale', 2, 'refused', now() - interval '2 days'), ('recent', 1, 'refused', now())",
+        )
+        .await
+        .unwrap();
+    let relay = s.start_relay();
+    let left = || async {
+        let rows = client
+            .query("SELECT event_id FROM outbox_relay_attempts ORDER BY 1", &[])
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            left().await == vec!["recent".to_string()]
+        })
+        .await,
+        "attempts left: {:?}\n{}",
+        left().await,
+        relay.logs()
+    );
+}

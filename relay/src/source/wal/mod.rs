@@ -32,6 +32,7 @@ use hashbrown::{HashMap, HashSet};
 
 mod decode;
 pub mod frontier;
+mod housekeeping;
 mod repair;
 mod setup;
 
@@ -364,58 +365,6 @@ impl WalSource {
                 }
             }
             ReplicationEvent::StoppedAt { .. } => {}
-        }
-        Ok(())
-    }
-
-    /// Records the confirmed position in our progress row, if it moved since the last save.
-    async fn save_progress(&mut self) -> Result<(), Error> {
-        let confirmed = self.frontier.confirmed();
-        if confirmed > self.saved {
-            self.outbox
-                .save_progress(
-                    &self.conn.client,
-                    &self.slot,
-                    confirmed,
-                    self.frontier.confirmed_commit_ms(),
-                )
-                .await?;
-            self.saved = confirmed;
-            self.progress_saved_at = Instant::now();
-        }
-        Ok(())
-    }
-
-    async fn housekeeping(&mut self) -> Result<(), Error> {
-        if self.progress_saved_at.elapsed() >= self.config.wal.status_interval {
-            self.save_progress().await?;
-        }
-        if self.held_loaded.elapsed() > Duration::from_secs(5) {
-            self.held = self.outbox.held_aggregates(&self.conn.client).await?;
-            self.held_loaded = Instant::now();
-        }
-        if self.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
-            self.last_cleanup = Instant::now();
-            if self.attempts_table {
-                self.outbox
-                    .clear_wal_attempts(&self.conn.client, &[])
-                    .await?;
-            }
-            let retention = self.config.outbox.retention;
-            if !retention.is_zero() {
-                // Rows a repair of a lost slot might still need (created after the last
-                // confirmed commit minus the margin) are kept, whatever the retention.
-                let needed_for_repair = Duration::from_millis(
-                    (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
-                ) + self.config.wal.repair_margin;
-                let deleted = self
-                    .outbox
-                    .cleanup(&self.conn.client, retention.max(needed_for_repair))
-                    .await?;
-                if deleted > 0 {
-                    info!(deleted, ?retention, "deleted outbox rows past retention");
-                }
-            }
         }
         Ok(())
     }

@@ -1,0 +1,69 @@
+//! What the active log-tailing instance does besides streaming: saving its confirmed
+//! position in the progress row (at most every `wal.status_interval`; a restart of Postgres
+//! can move the slot back, the row cannot), reloading the aggregates held by dead letters,
+//! forgetting publish attempts left by an instance that died, and deleting outbox rows past
+//! retention — but never those a repair of a lost slot might still need.
+
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::{WalSource, now_ms};
+use crate::error::Error;
+
+impl WalSource {
+    /// Records the confirmed position in our progress row, if it moved since the last save.
+    pub(super) async fn save_progress(&mut self) -> Result<(), Error> {
+        let confirmed = self.frontier.confirmed();
+        if confirmed > self.saved {
+            self.outbox
+                .save_progress(
+                    &self.conn.client,
+                    &self.slot,
+                    confirmed,
+                    self.frontier.confirmed_commit_ms(),
+                )
+                .await?;
+            self.saved = confirmed;
+            self.progress_saved_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The chores of the active instance, between reads and while idle: save the position,
+    /// reload the held aggregates, forget attempts nobody made for a day, delete rows past
+    /// retention.
+    pub(super) async fn housekeeping(&mut self) -> Result<(), Error> {
+        if self.progress_saved_at.elapsed() >= self.config.wal.status_interval {
+            self.save_progress().await?;
+        }
+        if self.held_loaded.elapsed() > Duration::from_secs(5) {
+            self.held = self.outbox.held_aggregates(&self.conn.client).await?;
+            self.held_loaded = Instant::now();
+        }
+        if self.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
+            self.last_cleanup = Instant::now();
+            if self.attempts_table {
+                self.outbox
+                    .clear_stale_wal_attempts(&self.conn.client)
+                    .await?;
+            }
+            let retention = self.config.outbox.retention;
+            if !retention.is_zero() {
+                // Rows a repair of a lost slot might still need (created after the last
+                // confirmed commit minus the margin) are kept, whatever the retention.
+                let needed_for_repair = Duration::from_millis(
+                    (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
+                ) + self.config.wal.repair_margin;
+                let deleted = self
+                    .outbox
+                    .cleanup(&self.conn.client, retention.max(needed_for_repair))
+                    .await?;
+                if deleted > 0 {
+                    info!(deleted, ?retention, "deleted outbox rows past retention");
+                }
+            }
+        }
+        Ok(())
+    }
+}
