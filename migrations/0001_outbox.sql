@@ -1,5 +1,6 @@
--- The outbox table of DESIGN.md. Left as it is when it already exists (for example a
--- Debezium-style table with other column names): only the relay's bookkeeping is added below.
+-- The outbox table services write to (README, "Use it in your service"). Left as it is when
+-- it already exists (for example a Debezium-style table with other column names): only the
+-- relay's bookkeeping is added, by the migrations after this one.
 CREATE TABLE IF NOT EXISTS {{table}} (
     {{id}}             uuid        PRIMARY KEY,
     {{aggregate_type}} text        NOT NULL,

@@ -209,7 +209,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn headers_follow_design_and_row_headers_cannot_override() {
+    fn headers_follow_the_message_format_and_row_headers_cannot_override() {
         let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
         e.headers = vec![("id".into(), "evil".into()), ("tenant".into(), "t1".into())];
         let h = e.message_headers(
