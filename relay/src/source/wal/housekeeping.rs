@@ -6,16 +6,41 @@
 
 use std::time::{Duration, Instant};
 
+use pgwire_replication::Lsn;
 use tracing::info;
 
 use super::{WalSource, now_ms};
 use crate::error::Error;
 
+/// When each chore last ran, and the position the progress row holds.
+#[derive(Debug)]
+pub(super) struct Chores {
+    /// The confirmed position last written to the progress row.
+    pub(super) saved: Lsn,
+    progress_saved_at: Instant,
+    /// The held aggregates are reloaded every few seconds (another instance, or an operator
+    /// command, may have added or released one).
+    pub(super) held_loaded: Instant,
+    last_cleanup: Instant,
+}
+
+impl Chores {
+    pub(super) fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            saved: Lsn(0),
+            progress_saved_at: now,
+            held_loaded: now,
+            last_cleanup: now,
+        }
+    }
+}
+
 impl WalSource {
     /// Records the confirmed position in our progress row, if it moved since the last save.
     pub(super) async fn save_progress(&mut self) -> Result<(), Error> {
         let confirmed = self.frontier.confirmed();
-        if confirmed > self.saved {
+        if confirmed > self.chores.saved {
             self.outbox
                 .save_progress(
                     &self.conn.client,
@@ -24,8 +49,8 @@ impl WalSource {
                     self.frontier.confirmed_commit_ms(),
                 )
                 .await?;
-            self.saved = confirmed;
-            self.progress_saved_at = Instant::now();
+            self.chores.saved = confirmed;
+            self.chores.progress_saved_at = Instant::now();
         }
         Ok(())
     }
@@ -34,15 +59,15 @@ impl WalSource {
     /// reload the held aggregates, forget attempts nobody made for a day, delete rows past
     /// retention.
     pub(super) async fn housekeeping(&mut self) -> Result<(), Error> {
-        if self.progress_saved_at.elapsed() >= self.config.wal.status_interval {
+        if self.chores.progress_saved_at.elapsed() >= self.config.wal.status_interval {
             self.save_progress().await?;
         }
-        if self.held_loaded.elapsed() > Duration::from_secs(5) {
+        if self.chores.held_loaded.elapsed() > Duration::from_secs(5) {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
-            self.held_loaded = Instant::now();
+            self.chores.held_loaded = Instant::now();
         }
-        if self.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
-            self.last_cleanup = Instant::now();
+        if self.chores.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
+            self.chores.last_cleanup = Instant::now();
             if self.attempts_table {
                 self.outbox
                     .clear_stale_wal_attempts(&self.conn.client)

@@ -37,6 +37,7 @@ mod repair;
 mod setup;
 
 use self::decode::{ColumnMap, emitted_event};
+use self::housekeeping::Chores;
 use self::repair::Backfill;
 use self::setup::check_setup;
 
@@ -119,11 +120,9 @@ pub struct WalSource {
     /// when that table is missing (not migrated yet): then only in memory.
     attempts_table: bool,
     held: HashSet<(String, String)>,
-    held_loaded: Instant,
     next_seq: i64,
-    saved: Lsn,
-    progress_saved_at: Instant,
-    last_cleanup: Instant,
+    /// When the periodic chores last ran, and the position last saved.
+    chores: Chores,
     /// A repair in progress: rows created since `from`, read after `cursor`.
     backfill: Option<Backfill>,
 }
@@ -268,7 +267,7 @@ impl WalSource {
         // last reload: check the table before parking anything.
         if batch.iter().any(|e| self.held.contains(&KeyRef::of(e))) {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
-            self.held_loaded = Instant::now();
+            self.chores.held_loaded = Instant::now();
         }
         let mut out = Vec::with_capacity(batch.len());
         for event in batch {
@@ -393,11 +392,8 @@ impl Source for WalSource {
             attempts: HashMap::new(),
             attempts_table: true,
             held,
-            held_loaded: Instant::now(),
             next_seq: 1,
-            saved: Lsn(0),
-            progress_saved_at: Instant::now(),
-            last_cleanup: Instant::now(),
+            chores: Chores::new(),
             backfill: None,
         })
     }
@@ -445,7 +441,7 @@ impl Source for WalSource {
         self.frontier = Frontier::new(start, self.frontier.confirmed_commit_ms());
         // Nothing new is confirmed yet: keep the saved progress (its commit time is where a
         // repair would start) until a transaction really is.
-        self.saved = start;
+        self.chores.saved = start;
         if let Some(p) = progress {
             self.frontier.set_confirmed_commit_ms(p.commit_ms);
         }
