@@ -73,14 +73,25 @@ impl TableShape {
         }
         let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let c = &cfg.columns;
-        for (setting, column) in c.all().into_iter().take(5) {
-            if !types.contains_key(column) {
-                return Err(Error::Setup(format!(
-                    "the outbox table `{}` has no column `{column}` (outbox.columns.{setting}); set outbox.columns.{setting} to the right column name",
+        let column = |name: &str| {
+            types.get(name).map(|t| Column {
+                quoted: quote(name),
+                sql_type: t.clone(),
+            })
+        };
+        let required = |setting: &str, name: &str| {
+            column(name).ok_or_else(|| {
+                Error::Setup(format!(
+                    "the outbox table `{}` has no column `{name}` (outbox.columns.{setting}); set outbox.columns.{setting} to the right column name",
                     table.display()
-                )));
-            }
-        }
+                ))
+            })
+        };
+        let id = required("id", &c.id)?;
+        let aggregate_type = required("aggregate_type", &c.aggregate_type)?;
+        let aggregate_id = required("aggregate_id", &c.aggregate_id)?;
+        let event_type = required("event_type", &c.event_type)?;
+        let payload = required("payload", &c.payload)?;
         let required: &[&str] = if bookkeeping {
             &[
                 "relay_seq",
@@ -100,14 +111,6 @@ impl TableShape {
             }
         }
         check_dead_letter_table(client, dead_letters).await?;
-        let column = |name: &str| {
-            types.get(name).map(|t| Column {
-                quoted: quote(name),
-                sql_type: t.clone(),
-            })
-        };
-        let required = |name: &str| column(name).expect("checked above");
-        let payload = required(&c.payload);
         if !["jsonb", "json", "text", "bytea"].contains(&payload.sql_type.as_str())
             && !payload.sql_type.starts_with("character varying")
         {
@@ -119,10 +122,10 @@ impl TableShape {
             )));
         }
         Ok(Self {
-            id: required(&c.id),
-            aggregate_type: required(&c.aggregate_type),
-            aggregate_id: required(&c.aggregate_id),
-            event_type: required(&c.event_type),
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
             payload,
             headers: column(&c.headers),
             traceparent: column(&c.traceparent),
