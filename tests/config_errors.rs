@@ -140,10 +140,21 @@ async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
         },
         Case {
             toml: "[kafka]\ntopic = \"x.{aggregatetype}\"\n",
+            ..case(
+                "template names a column the table lacks",
+                &[
+                    "kafka.topic names {aggregatetype}",
+                    "has no column `aggregatetype`",
+                    "{aggregate_type}",
+                ],
+            )
+        },
+        Case {
+            toml: "[kafka]\nkey = \"{partition}\"\n",
             migrate_first: false,
             ..case(
-                "unknown placeholder",
-                &["kafka.topic", "{aggregatetype}", "{aggregate_type}"],
+                "{partition} in a Kafka template",
+                &["kafka.key", "{partition}", "rabbitmq.partitions"],
             )
         },
         Case {
@@ -261,6 +272,37 @@ async fn bad_rabbitmq_settings_give_one_clear_message() {
         Case {
             env: vec![("RELAY_AMQP_URL", "http://127.0.0.1:5672".into())],
             ..case("not an amqp url", &["RELAY_AMQP_URL", "amqp://"])
+        },
+        Case {
+            toml: "[rabbitmq]\nrouting_key = \"{aggregate_type}.{partition}\"\npartitions = 0\n",
+            migrate_first: false,
+            ..case(
+                "zero partitions",
+                &["rabbitmq.partitions = 0", "at least 1"],
+            )
+        },
+        Case {
+            toml: "[rabbitmq]\nrouting_key = \"{aggregate_type}.{partition}\"\n",
+            migrate_first: false,
+            ..case(
+                "{partition} without partitions",
+                &["rabbitmq.routing_key", "needs rabbitmq.partitions"],
+            )
+        },
+        Case {
+            toml: "[rabbitmq]\nrouting_key = \"{aggregate_type}.{region}\"\n",
+            ..case(
+                "routing key names a column the table lacks",
+                &[
+                    "rabbitmq.routing_key names {region}",
+                    "has no column `region`",
+                ],
+            )
+        },
+        Case {
+            toml: "[message]\nformat = \"avro\"\n",
+            migrate_first: false,
+            ..case("unknown message format", &["message.format", "avro"])
         },
     ];
     for c in cases {

@@ -12,6 +12,7 @@ mod chaos;
 mod config_errors;
 mod delivery;
 mod faults;
+mod formats;
 mod observability;
 mod ops;
 mod security;

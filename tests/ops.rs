@@ -804,7 +804,7 @@ async fn bad_input_is_one_clear_error_and_changes_nothing() {
                 "--topic",
                 "x.{aggregatetype}",
             ],
-            "unknown placeholder",
+            "has no column `aggregatetype`",
         ),
         (vec!["replay"], "say which events to replay"),
         (

@@ -21,6 +21,13 @@ pub enum Error {
     /// The body is not JSON.
     #[error("message body is not JSON: {0}")]
     InvalidPayload(#[from] serde_json::Error),
+    /// Partition queues asked for with a binding without `{partition}` or 0 partitions.
+    #[error("invalid partitioned queues: {0}")]
+    InvalidPartitions(String),
+    /// RabbitMQ refused a declaration or the connection broke.
+    #[cfg(feature = "amqp")]
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
 }
 
 impl Error {
@@ -43,6 +50,11 @@ impl Error {
                 ),
                 _ => false,
             },
+            #[cfg(feature = "amqp")]
+            Error::Amqp(e) => matches!(
+                e,
+                lapin::Error::IOError(_) | lapin::Error::InvalidConnectionState(_)
+            ),
             _ => false,
         }
     }

@@ -3,6 +3,11 @@
 //! Body = the payload JSON; headers `id`, `event_type`, `aggregate_type`, `aggregate_id`,
 //! `traceparent`, `tracestate` plus the row's own headers. On Kafka the key is the aggregate id;
 //! on AMQP `message_id` is the id and `type` the event type, used when a header is missing.
+//!
+//! CloudEvents (`[message] format = "cloudevents"` on the relay) are read too: in binary mode
+//! the attributes (`ce_id`/`ce-id`, `type`, `subject`, `aggregatetype`) stand in for the plain
+//! headers; in structured mode (content type `application/cloudevents+json`) the document's
+//! attributes do, and its `data` is the payload.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +16,16 @@ use uuid::Uuid;
 
 use crate::Error;
 use crate::trace::{self, TraceHeaders};
+
+/// CloudEvents attributes and the plain headers they stand in for.
+const CLOUDEVENTS_ATTRIBUTES: [(&str, &str); 6] = [
+    ("id", "id"),
+    ("type", "event_type"),
+    ("subject", "aggregate_id"),
+    ("aggregatetype", "aggregate_type"),
+    ("traceparent", "traceparent"),
+    ("tracestate", "tracestate"),
+];
 
 /// One event as a consumer receives it.
 #[derive(Debug, Clone)]
@@ -27,7 +42,31 @@ pub struct IncomingEvent {
 impl IncomingEvent {
     /// Builds the event from its headers and body. `id` and `event_type` are required,
     /// `aggregate_type` and `aggregate_id` default to empty.
-    pub fn from_parts(headers: BTreeMap<String, String>, body: &[u8]) -> Result<Self, Error> {
+    pub fn from_parts(mut headers: BTreeMap<String, String>, body: &[u8]) -> Result<Self, Error> {
+        let structured = headers
+            .get("content-type")
+            .is_some_and(|c| c.starts_with("application/cloudevents+json"));
+        let payload = if structured {
+            let mut doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)?;
+            for (attribute, value) in &doc {
+                if let serde_json::Value::String(v) = value {
+                    headers
+                        .entry(format!("ce_{attribute}"))
+                        .or_insert_with(|| v.clone());
+                }
+            }
+            doc.remove("data").unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::from_slice(body)?
+        };
+        for (attribute, header) in CLOUDEVENTS_ATTRIBUTES {
+            let value = ["ce_", "ce-"]
+                .iter()
+                .find_map(|prefix| headers.get(&format!("{prefix}{attribute}")).cloned());
+            if let Some(v) = value {
+                headers.entry(header.into()).or_insert(v);
+            }
+        }
         let id_text = headers.get("id").ok_or(Error::MissingHeader("id"))?;
         let id = Uuid::parse_str(id_text).map_err(|_| Error::InvalidHeader {
             name: "id",
@@ -37,7 +76,6 @@ impl IncomingEvent {
             .get("event_type")
             .cloned()
             .ok_or(Error::MissingHeader("event_type"))?;
-        let payload = serde_json::from_slice(body)?;
         Ok(Self {
             id,
             event_type,
@@ -218,6 +256,11 @@ pub mod amqp {
                 .entry("event_type".into())
                 .or_insert_with(|| kind.as_str().to_string());
         }
+        if let Some(content_type) = properties.content_type() {
+            headers
+                .entry("content-type".into())
+                .or_insert_with(|| content_type.as_str().to_string());
+        }
         IncomingEvent::from_parts(headers, body)
     }
 
@@ -275,6 +318,48 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn cloudevents_in_either_mode_become_the_same_event() {
+        let id = "0195f0a4-7c1e-7a53-9d7e-3f1f2b6c8a01";
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for prefix in ["ce_", "ce-"] {
+            let h = |k: &str| format!("{prefix}{k}");
+            let event = IncomingEvent::from_parts(
+                [
+                    (h("specversion"), "1.0"),
+                    (h("id"), id),
+                    (h("type"), "CardAdded"),
+                    (h("subject"), "w-1"),
+                    (h("aggregatetype"), "wallet"),
+                    (h("traceparent"), tp),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect(),
+                br#"{"last4":"4242"}"#,
+            )
+            .unwrap();
+            assert_eq!(event.id.to_string(), id);
+            assert_eq!(event.event_type, "CardAdded");
+            assert_eq!(event.aggregate_type, "wallet");
+            assert_eq!(event.aggregate_id, "w-1");
+            assert_eq!(event.payload["last4"], "4242");
+            assert!(event.trace_headers().trace_id().is_some());
+        }
+        let structured = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/s","type":"CardAdded","subject":"w-1","aggregatetype":"wallet","traceparent":"{tp}","datacontenttype":"application/json","data":{{"last4":"4242"}}}}"#
+        );
+        let event = IncomingEvent::from_parts(
+            headers(&[("content-type", "application/cloudevents+json")]),
+            structured.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(event.id.to_string(), id);
+        assert_eq!(event.aggregate_id, "w-1");
+        assert_eq!(event.payload["last4"], "4242");
+        assert!(event.trace_headers().trace_id().is_some());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`trace`]: capture and extract W3C trace context (the one place that knows the format).
 //! - [`incoming`]: the message the relay publishes, read back into an [`IncomingEvent`], with
 //!   the adapters for rdkafka (feature `kafka`) and lapin (feature `amqp`).
+//! - `partitions` (feature `amqp`): one queue per `{partition}` of the relay's routing key,
+//!   for ordered parallel consumers.
 //! - [`idempotency`]: [`claim`] records an event id in the consumer's own transaction, so a
 //!   redelivered event (the relay delivers at least once) is recognised and skipped.
 //!
@@ -42,6 +44,8 @@
 mod error;
 pub mod idempotency;
 pub mod incoming;
+#[cfg(feature = "amqp")]
+pub mod partitions;
 mod table;
 pub mod trace;
 pub mod writer;

@@ -1,5 +1,7 @@
 //! The event the relay moves: one committed outbox row (or, in wal mode, one decoded insert).
 
+use std::sync::Arc;
+
 /// The unit of ordering: (aggregate type, aggregate id).
 pub type AggregateKey = (String, String);
 
@@ -45,10 +47,13 @@ pub struct OutboxEvent {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub event_type: String,
-    /// The payload JSON, as bytes.
-    pub payload: Vec<u8>,
+    /// The payload JSON, as bytes; `None` for a NULL payload (a Kafka tombstone when
+    /// `kafka.tombstone_on_null_payload` is set, else a dead letter).
+    pub payload: Option<Vec<u8>>,
     /// Extra string headers from the row's `headers` column.
     pub headers: Vec<(String, String)>,
+    /// The other columns the templates name (e.g. `tenant`), by name, as text.
+    pub columns: Vec<(Arc<str>, Option<String>)>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     /// `created_at` in milliseconds since the Unix epoch.
@@ -73,6 +78,8 @@ pub struct RowColumns {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub created_at_ms: Option<i64>,
+    /// The other columns the templates name, by name, as text.
+    pub columns: Vec<(Arc<str>, Option<String>)>,
 }
 
 impl RowColumns {
@@ -94,8 +101,9 @@ impl RowColumns {
             aggregate_type: self.aggregate_type.unwrap_or_default(),
             aggregate_id: self.aggregate_id.unwrap_or_default(),
             event_type: self.event_type.unwrap_or_default(),
-            payload: self.payload.unwrap_or_default(),
+            payload: self.payload,
             headers,
+            columns: self.columns,
             traceparent: self.traceparent,
             tracestate: self.tracestate,
             created_at_ms: self.created_at_ms,
@@ -143,6 +151,19 @@ impl OutboxEvent {
         out
     }
 
+    /// The text of the row's column `name`, one the templates name; `None` when it is NULL.
+    pub fn column(&self, name: &str) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// The payload's bytes; empty for a NULL payload.
+    pub fn body(&self) -> &[u8] {
+        self.payload.as_deref().unwrap_or_default()
+    }
+
     /// The writer's trace id (from `traceparent`), for log lines.
     pub fn trace_id(&self) -> &str {
         self.traceparent
@@ -162,7 +183,10 @@ impl OutboxEvent {
         if self.aggregate_type.is_empty() {
             return Err("aggregate_type is empty".into());
         }
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&self.payload) {
+        // A NULL payload is the sink's to judge (a Kafka tombstone, or refused).
+        if let Some(payload) = &self.payload
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+        {
             return Err(format!("payload is not valid JSON: {e}"));
         }
         Ok(())
@@ -176,8 +200,9 @@ impl OutboxEvent {
             aggregate_type: aggregate_type.into(),
             aggregate_id: aggregate_id.into(),
             event_type: event_type.into(),
-            payload: b"{}".to_vec(),
+            payload: Some(b"{}".to_vec()),
             headers: vec![],
+            columns: vec![],
             traceparent: None,
             tracestate: None,
             created_at_ms: None,
@@ -238,7 +263,7 @@ mod tests {
     #[test]
     fn invalid_payload_and_headers_are_reported() {
         let mut e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
-        e.payload = b"not json".to_vec();
+        e.payload = Some(b"not json".to_vec());
         assert!(e.validate().unwrap_err().contains("not valid JSON"));
         assert!(parse_headers("[1]").is_err());
         assert_eq!(

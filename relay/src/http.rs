@@ -144,8 +144,7 @@ pub async fn observe(
             if conn.as_ref().is_none_or(|(c, _, _)| c.is_closed()) {
                 let c = PgConn::connect(&config.database_url).await?;
                 let outbox =
-                    Outbox::inspect(&c.client, &config.outbox, config.source == SourceKind::Poll)
-                        .await?;
+                    Outbox::inspect(&c.client, &config, config.source == SourceKind::Poll).await?;
                 // Only log tailing has a slot to watch.
                 let slot = match config.source {
                     SourceKind::Wal => {

@@ -219,7 +219,7 @@ fn exported_span(event: &OutboxEvent, to: &Destination<'_>) -> PublishSpan {
         KeyValue::new("messaging.operation.name", "publish"),
         KeyValue::new("messaging.destination.name", to.name.to_string()),
         KeyValue::new("messaging.message.id", event.id.clone()),
-        KeyValue::new("messaging.message.body.size", event.payload.len() as i64),
+        KeyValue::new("messaging.message.body.size", event.body().len() as i64),
         KeyValue::new("outbox.aggregate_type", event.aggregate_type.clone()),
         KeyValue::new("outbox.aggregate_id", event.aggregate_id.clone()),
         KeyValue::new("outbox.event_type", event.event_type.clone()),

@@ -129,6 +129,8 @@ impl Reader {
                         destination: d.routing_key.to_string(),
                         headers,
                         payload: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                        body: Some(d.data.clone()),
+                        partition: None,
                         amqp: Some(AmqpProps {
                             message_id: p.message_id().as_ref().map(|s| s.to_string()),
                             kind: p.kind().as_ref().map(|s| s.to_string()),

@@ -116,6 +116,8 @@ impl Reader {
                         headers,
                         payload: serde_json::from_slice(m.payload().unwrap_or(b"null"))
                             .unwrap_or(serde_json::Value::Null),
+                        body: m.payload().map(<[u8]>::to_vec),
+                        partition: Some(m.partition()),
                         amqp: None,
                         redelivered: false,
                     };

@@ -585,6 +585,10 @@ pub struct Received {
     pub destination: String,
     pub headers: BTreeMap<String, String>,
     pub payload: serde_json::Value,
+    /// The body's bytes as they arrived; `None` for a Kafka record with a null value.
+    pub body: Option<Vec<u8>>,
+    /// Kafka: the partition the record is in.
+    pub partition: Option<i32>,
     pub amqp: Option<AmqpProps>,
     /// The broker redelivered it to the consumer (AMQP `redelivered`): a consumer-side
     /// duplicate, not one the relay sent.
@@ -601,8 +605,28 @@ pub struct AmqpProps {
 }
 
 impl Received {
+    /// The event id: the `id` header, a CloudEvent's `id` attribute in either binding's
+    /// headers, or in a structured-mode document.
     pub fn id(&self) -> &str {
-        self.headers.get("id").map(String::as_str).unwrap_or("")
+        let structured = self.content_type() == Some("application/cloudevents+json");
+        ["id", "ce_id", "ce-id"]
+            .iter()
+            .find_map(|k| self.headers.get(*k))
+            .map(String::as_str)
+            .or_else(|| {
+                structured
+                    .then(|| self.payload.get("id").and_then(|v| v.as_str()))
+                    .flatten()
+            })
+            .unwrap_or("")
+    }
+
+    /// The content type: AMQP's property, or Kafka's `content-type` header.
+    pub fn content_type(&self) -> Option<&str> {
+        match &self.amqp {
+            Some(p) => p.content_type.as_deref(),
+            None => self.headers.get("content-type").map(String::as_str),
+        }
     }
 }
 

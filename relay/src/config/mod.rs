@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::error::Error;
 use crate::ident::{QualifiedName, validate_ident};
+use crate::message::{Binding, Encoder, MessageConfig};
 use crate::sink::amqp::config::RabbitmqConfig;
 use crate::sink::kafka::config::KafkaConfig;
 
@@ -70,6 +71,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// `[rabbitmq]`, owned by the RabbitMQ sink.
     pub rabbitmq: RabbitmqConfig,
+    /// `[message]`: the format of the messages (plain or CloudEvents).
+    pub message: MessageConfig,
     pub http: HttpConfig,
 }
 
@@ -85,6 +88,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             kafka: KafkaConfig::default(),
             rabbitmq: RabbitmqConfig::default(),
+            message: MessageConfig::default(),
             http: HttpConfig::default(),
         }
     }
@@ -501,6 +505,31 @@ impl Config {
         Ok(moved.into_iter().flatten().collect())
     }
 
+    /// The outbox columns the configured sink's templates name besides the event's fields
+    /// (`{tenant}`), each with the setting that names it: every reader selects them with the
+    /// event, and the table must have them.
+    pub fn template_columns(&self) -> Vec<(String, &'static str)> {
+        match self.sink {
+            SinkKind::Kafka => self.kafka.template_columns(),
+            SinkKind::Rabbitmq => self.rabbitmq.template_columns(),
+        }
+    }
+
+    /// How events become messages on `binding`: `[message]`, with the CloudEvents `source`
+    /// derived from the database and the table unless `message.source` sets it.
+    pub fn encoder(&self, binding: Binding) -> Encoder {
+        let database = crate::pg::tls::PgTarget::parse(&self.database_url)
+            .ok()
+            .and_then(|t| t.config.get_dbname().map(str::to_string))
+            .unwrap_or_else(|| "postgres".into());
+        let (schema, table) = match QualifiedName::parse(&self.outbox.table) {
+            Ok(q) => (q.schema_or_public().to_string(), q.name.clone()),
+            Err(_) => ("public".into(), self.outbox.table.clone()),
+        };
+        let source = self.message.source_for(&database, &schema, &table);
+        Encoder::new(&self.message, source, binding)
+    }
+
     /// Checks everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::Config(msg));
@@ -567,6 +596,11 @@ impl Config {
         match self.sink {
             SinkKind::Kafka => self.kafka.validate()?,
             SinkKind::Rabbitmq => self.rabbitmq.validate()?,
+        }
+        self.message.validate().map_err(Error::Config)?;
+        for (column, setting) in self.template_columns() {
+            validate_ident(&column)
+                .map_err(|e| Error::Config(format!("{setting}: placeholder {{{column}}}: {e}")))?;
         }
         if self.http.enabled_addr().is_some()
             && self.http.addr.parse::<std::net::SocketAddr>().is_err()
@@ -662,15 +696,25 @@ mod tests {
     }
 
     #[test]
-    fn unknown_placeholder_in_topic_is_rejected() {
+    fn a_placeholder_must_be_a_column_name() {
         let mut c = Config {
             database_url: Secret::new("postgres://postgres@127.0.0.1/app"),
             ..Config::default()
         };
-        c.kafka.topic = "x.{aggregatetype}".into();
+        // Any column may be named; whether the table has it is checked when it is inspected.
+        c.kafka.topic = "x.{tenant}".into();
+        c.validate().unwrap();
+        assert_eq!(
+            c.template_columns(),
+            [("tenant".to_string(), "kafka.topic")]
+        );
+        c.kafka.topic = "x.{aggregate type}".into();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("kafka.topic"), "{err}");
-        assert!(err.contains("aggregatetype"), "{err}");
+        assert!(err.contains("{aggregate type}"), "{err}");
+        c.kafka.topic = "x.{partition}".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("rabbitmq.partitions"), "{err}");
     }
 
     /// What the user set, as a TOML file would give it (the env provider is covered by

@@ -445,6 +445,15 @@ async fn retry_poll(t: &OpsTable, where_sql: &str, params: &Params) -> Result<()
             values.push(cast(c, value));
         }
     }
+    // The columns the templates name go back as they were kept (names are identifiers,
+    // checked at start-up, so they are safe in a literal).
+    for (name, column) in &t.shape().template_columns {
+        if columns.contains(&column.quoted) {
+            continue;
+        }
+        columns.push(column.quoted.clone());
+        values.push(cast(&column.quoted, &format!("m.columns->>'{name}'")));
+    }
     let rows = t
         .client()
         .query(

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::error::Error;
-use crate::outbox::{CLEANUP_BATCH, EVENT_COLUMNS, retention_interval};
+use crate::outbox::{CLEANUP_BATCH, retention_interval};
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
@@ -272,12 +272,12 @@ async fn sample_events(t: &OpsTable, where_sql: &str, params: &Params) -> Result
         return Ok(());
     }
     let sample = rows.iter().map(|r| {
-        let published = match r.get::<_, Option<i64>>(EVENT_COLUMNS) {
+        let published = match r.get::<_, Option<i64>>(t.shape().width()) {
             Some(p) => format_ms(p),
             None if t.poll => "UNPUBLISHED".into(),
             None => String::new(),
         };
-        (OpsTable::event_from_row(r, 0, 0), published)
+        (t.event_from_row(r, 0, 0), published)
     });
     println!("first {} in outbox order:", rows.len());
     print!("{}", event_sample_table(sample, "published_at"));

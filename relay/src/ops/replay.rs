@@ -110,7 +110,10 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<(), Error> {
         ));
     }
 
-    let t = OpsTable::open(config).await?;
+    // Opened with the override applied: the columns a `--topic` template names are read
+    // with the events.
+    let explicit = args.topic.clone().or(args.exchange.clone());
+    let mut t = OpsTable::open(&target_config(config, explicit.as_deref())).await?;
     t.require_replay_tables().await?;
     let order = t.order_by()?;
 
@@ -160,6 +163,10 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<(), Error> {
         }
     };
     let sink_config = target_config(config, record.destination.as_deref());
+    if args.resume.is_some() && record.destination.is_some() {
+        // The recorded destination may name columns the configured templates do not.
+        t = OpsTable::open(&sink_config).await?;
+    }
     let mut sink = connect(&sink_config, record.destination.is_some()).await?;
     send(&t, &mut sink, record, &args).await
 }
@@ -340,7 +347,7 @@ async fn dry_run(
     }
     println!("first {} in outbox order:", rows.len().min(SAMPLE as usize));
     let sample = rows.iter().map(|r| {
-        let e = OpsTable::event_from_row(r, 0, 0);
+        let e = t.event_from_row(r, 0, 0);
         let destination = render_destination(config, &e);
         (e, destination)
     });
@@ -363,22 +370,33 @@ async fn preflight(
         return Ok(());
     }
     let template = Template::parse(&config.kafka.topic).map_err(invalid)?;
-    // Only the columns the template names are worth a DISTINCT; the others read as ''.
-    let column = |placeholder: Placeholder, col: &str| {
-        if template.uses(placeholder) {
-            format!("o.{col}::text")
-        } else {
-            "''".into()
+    // Only the columns the template names are worth a DISTINCT.
+    let placeholders = template.placeholders();
+    if placeholders.is_empty() {
+        let topics = HashSet::from([template.as_str().to_string()]);
+        return kafka::destination::require_topics(&config.kafka, topics, explicit).await;
+    }
+    let column = |p: &Placeholder| -> String {
+        match p {
+            Placeholder::AggregateType => format!("o.{}::text", t.aggregate_type()),
+            // (`{partition}` is refused in Kafka topics.)
+            Placeholder::AggregateId | Placeholder::Partition => {
+                format!("o.{}::text", t.aggregate_id())
+            }
+            Placeholder::EventType => format!("o.{}::text", t.event_type()),
+            Placeholder::Column(name) => format!("o.{}::text", crate::ident::quote(name)),
         }
     };
     let rows = t
         .client()
         .query(
             &format!(
-                "SELECT DISTINCT {}, {}, {} FROM {} o WHERE {} LIMIT 1000",
-                column(Placeholder::AggregateType, t.aggregate_type()),
-                column(Placeholder::AggregateId, t.aggregate_id()),
-                column(Placeholder::EventType, t.event_type()),
+                "SELECT DISTINCT {} FROM {} o WHERE {} LIMIT 1000",
+                placeholders
+                    .iter()
+                    .map(|p| column(p))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 t.table(),
                 where_all(conditions)
             ),
@@ -386,15 +404,19 @@ async fn preflight(
         )
         .await
         .map_err(|e| Error::pg("cannot read the selected events", e))?;
+    // A row whose named column is NULL has no topic; its send fails with that reason. Only the
+    // topics that can be rendered are checked here.
     let topics: HashSet<String> = rows
         .iter()
-        .map(|r| {
-            let values: [String; 3] = [r.get(0), r.get(1), r.get(2)];
-            template.render_with(|p| match p {
-                Placeholder::AggregateType => &values[0],
-                Placeholder::AggregateId => &values[1],
-                Placeholder::EventType => &values[2],
-            })
+        .filter_map(|r| {
+            let values: Vec<Option<String>> = (0..placeholders.len()).map(|i| r.get(i)).collect();
+            template
+                .render_with(|p| {
+                    let i = placeholders.iter().position(|q| *q == p)?;
+                    values[i].as_deref().map(std::borrow::Cow::Borrowed)
+                })
+                .ok()
+                .map(|topic| topic.into_owned())
         })
         .collect();
     kafka::destination::require_topics(&config.kafka, topics, explicit).await
@@ -621,7 +643,7 @@ async fn send(
                 events.push(None);
                 continue;
             }
-            let mut e = OpsTable::event_from_row(r, 1, ord);
+            let mut e = t.event_from_row(r, 1, ord);
             e.headers.retain(|(k, _)| k != REPLAY_HEADER);
             e.headers
                 .push((REPLAY_HEADER.to_string(), record.id.clone()));

@@ -5,6 +5,8 @@
 //! Identifiers come from configuration and are always emitted quoted ([`crate::ident`]);
 //! values from the command line are always bind parameters, never spliced.
 
+use std::sync::Arc;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
@@ -71,7 +73,7 @@ impl OpsTable {
     pub async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
         let poll = config.source == SourceKind::Poll;
-        let outbox = Outbox::inspect(&conn.client, &config.outbox, poll).await?;
+        let outbox = Outbox::inspect(&conn.client, config, poll).await?;
         let (replays, replay_items) = replay_tables(&outbox.table);
         Ok(Self {
             conn,
@@ -94,7 +96,7 @@ impl OpsTable {
         &self.outbox.dead_letters
     }
 
-    fn shape(&self) -> &TableShape {
+    pub(crate) fn shape(&self) -> &TableShape {
         &self.outbox.shape
     }
 
@@ -140,8 +142,8 @@ impl OpsTable {
     }
 
     /// The event in columns `first..` of `row` (see [`Self::event_columns`]).
-    pub fn event_from_row(row: &Row, first: usize, seq: i64) -> OutboxEvent {
-        TableShape::decode(row, first, seq)
+    pub fn event_from_row(&self, row: &Row, first: usize, seq: i64) -> OutboxEvent {
+        self.shape().decode(row, first, seq)
     }
 
     /// Outbox order, table aliased `o`: `relay_seq` in poll mode; in wal mode (no bookkeeping)
@@ -325,9 +327,12 @@ pub(crate) struct DeadLetter {
     pub aggregate_id: String,
     pub event_type: String,
     #[serde(skip)]
-    pub payload: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
     #[serde(skip)]
     pub headers: Option<String>,
+    /// The row's columns the templates named, as a JSON object (text).
+    #[serde(skip)]
+    pub columns: Option<String>,
     #[serde(skip)]
     pub traceparent: Option<String>,
     #[serde(skip)]
@@ -343,7 +348,7 @@ pub(crate) struct DeadLetter {
 pub(crate) const DEAD_LETTER_COLUMNS: &str = "d.position, d.event_id, d.relay_seq, \
     d.aggregate_type, d.aggregate_id, d.event_type, d.payload, d.headers, d.traceparent, \
     d.tracestate, (extract(epoch FROM d.created_at) * 1000)::bigint, d.error, d.attempts, \
-    d.holds_aggregate, (extract(epoch FROM d.dead_at) * 1000)::bigint";
+    d.holds_aggregate, (extract(epoch FROM d.dead_at) * 1000)::bigint, d.columns::text";
 
 impl DeadLetter {
     pub fn from_row(row: &Row) -> Self {
@@ -363,6 +368,7 @@ impl DeadLetter {
             attempts: row.get(12),
             holds_aggregate: row.get(13),
             dead_at_ms: row.get(14),
+            columns: row.get(15),
         }
     }
 
@@ -373,12 +379,34 @@ impl DeadLetter {
             aggregate_type: Some(self.aggregate_type.clone()),
             aggregate_id: Some(self.aggregate_id.clone()),
             event_type: Some(self.event_type.clone()),
-            payload: Some(self.payload.clone()),
+            payload: self.payload.clone(),
             headers: self.headers.clone(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
             created_at_ms: self.created_at_ms,
+            columns: self.template_columns(),
         }
         .into_event(self.position, None)
+    }
+
+    /// The template columns kept with the dead letter, by name.
+    pub fn template_columns(&self) -> Vec<(Arc<str>, Option<String>)> {
+        let Some(json) = &self.columns else {
+            return vec![];
+        };
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+            Ok(map) => map
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    };
+                    (Arc::from(k.as_str()), v)
+                })
+                .collect(),
+            Err(_) => vec![],
+        }
     }
 }

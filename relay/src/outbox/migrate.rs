@@ -12,7 +12,7 @@ use crate::ident::quote;
 use crate::pg::slot;
 
 /// The migrations of `migrations/`, applied in order; each is idempotent.
-const MIGRATIONS: [(&str, &str); 9] = [
+const MIGRATIONS: [(&str, &str); 10] = [
     (
         "0001_outbox",
         include_str!("../../../migrations/0001_outbox.sql"),
@@ -48,6 +48,10 @@ const MIGRATIONS: [(&str, &str); 9] = [
     (
         "0009_wal_attempts",
         include_str!("../../../migrations/0009_wal_attempts.sql"),
+    ),
+    (
+        "0010_dead_letter_columns",
+        include_str!("../../../migrations/0010_dead_letter_columns.sql"),
     ),
 ];
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, Statement};
 
-use crate::config::OutboxConfig;
+use crate::config::{Config, OutboxConfig};
 use crate::error::Error;
 use crate::event::{AggregateKey, OutboxEvent};
 use crate::ident::{QualifiedName, quote};
@@ -21,7 +21,7 @@ mod shape;
 pub use migrate::migrate;
 use progress::ProgressSql;
 pub use progress::{PgTimestamp, Progress};
-pub use shape::{Column, EVENT_COLUMNS, TableShape};
+pub use shape::{Column, TableShape};
 
 /// A missing attempts table (not migrated yet) holds nothing to delete.
 fn ignore_unmigrated(
@@ -104,11 +104,21 @@ impl Outbox {
     /// table, a required column or the relay's bookkeeping is missing.
     pub async fn inspect(
         client: &Client,
-        cfg: &OutboxConfig,
+        config: &Config,
         bookkeeping: bool,
     ) -> Result<Self, Error> {
+        let cfg = &config.outbox;
         let (table, dead_letters) = names(cfg)?;
-        let shape = TableShape::inspect(client, &table, &dead_letters, cfg, bookkeeping).await?;
+        let template_columns = config.template_columns();
+        let shape = TableShape::inspect(
+            client,
+            &table,
+            &dead_letters,
+            cfg,
+            &template_columns,
+            bookkeeping,
+        )
+        .await?;
         Ok(Self::build(table, dead_letters, shape, bookkeeping))
     }
 
@@ -192,9 +202,9 @@ impl Outbox {
             dead_letter_sql: format!(
                 "{remove}INSERT INTO {dead_letters} (event_id, relay_seq, aggregate_type, aggregate_id, \
                      event_type, payload, headers, traceparent, tracestate, created_at, error, \
-                     attempts, holds_aggregate) \
+                     attempts, holds_aggregate, columns) \
                  VALUES ($2, $1, $3, $4, $5, $6, $7, $8, $9, \
-                     to_timestamp($10::bigint / 1000.0), $11, $12, $13) \
+                     to_timestamp($10::bigint / 1000.0), $11, $12, $13, $14::text::jsonb) \
                  ON CONFLICT (event_id) DO UPDATE SET error = EXCLUDED.error, \
                      attempts = EXCLUDED.attempts, holds_aggregate = EXCLUDED.holds_aggregate, \
                      dead_at = now()",
@@ -301,7 +311,7 @@ impl Outbox {
             .map_err(|e| Error::pg("cannot read pending outbox events", e))?;
         Ok(rows
             .iter()
-            .map(|r| TableShape::decode(r, 1, r.get(0)))
+            .map(|r| self.shape.decode(r, 1, r.get(0)))
             .collect())
     }
 
@@ -392,6 +402,17 @@ impl Outbox {
                 .collect();
             Some(serde_json::Value::Object(map).to_string())
         };
+        let columns_json: Option<String> = (!event.columns.is_empty()).then(|| {
+            let map: serde_json::Map<String, serde_json::Value> = (event.columns.iter())
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        v.clone().map_or(serde_json::Value::Null, Into::into),
+                    )
+                })
+                .collect();
+            serde_json::Value::Object(map).to_string()
+        });
         client
             .execute(
                 &self.dead_letter_sql,
@@ -409,6 +430,7 @@ impl Outbox {
                     &error,
                     &attempts,
                     &hold,
+                    &columns_json,
                 ],
             )
             .await
@@ -494,11 +516,9 @@ impl Outbox {
         Ok(rows
             .iter()
             .map(|r| {
-                let cursor = (
-                    PgTimestamp::from_row(r, EVENT_COLUMNS),
-                    r.get(EVENT_COLUMNS + 1),
-                );
-                (TableShape::decode(r, 0, 0), cursor)
+                let width = self.shape.width();
+                let cursor = (PgTimestamp::from_row(r, width), r.get(width + 1));
+                (self.shape.decode(r, 0, 0), cursor)
             })
             .collect())
     }

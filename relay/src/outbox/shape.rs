@@ -8,6 +8,7 @@
 //! table. Column names come from configuration and are always emitted quoted.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio_postgres::{Client, Row};
 
@@ -16,8 +17,8 @@ use crate::error::Error;
 use crate::event::{OutboxEvent, RowColumns};
 use crate::ident::{QualifiedName, quote};
 
-/// How many columns [`TableShape::event_columns`] selects.
-pub const EVENT_COLUMNS: usize = 9;
+/// How many columns [`TableShape::event_columns`] selects before the template columns.
+const FIXED_COLUMNS: usize = 9;
 
 /// One column of the outbox table: its quoted name and its type as `format_type` prints it
 /// (`uuid`, `jsonb`, `character varying(255)`); both come from the catalog or the validated
@@ -43,17 +44,22 @@ pub struct TableShape {
     pub created_at: Option<Column>,
     /// The configured name of `created_at` (unquoted), for messages when it is missing.
     pub created_at_name: String,
+    /// The other columns the templates name (`{tenant}`), with their names as events carry
+    /// them.
+    pub template_columns: Vec<(Arc<str>, Column)>,
 }
 
 impl TableShape {
-    /// Inspects `table`. Fails with the fix when the table, a required column, the relay's
-    /// bookkeeping (`bookkeeping`: poll mode) or the dead-letter table is missing, or when the
-    /// payload has a type the relay cannot send.
+    /// Inspects `table`. Fails with the fix when the table, a required column, a column a
+    /// template names (`template_columns`: name and setting), the relay's bookkeeping
+    /// (`bookkeeping`: poll mode) or the dead-letter table is missing, or when the payload has
+    /// a type the relay cannot send.
     pub async fn inspect(
         client: &Client,
         table: &QualifiedName,
         dead_letters: &QualifiedName,
         cfg: &OutboxConfig,
+        template_columns: &[(String, &'static str)],
         bookkeeping: bool,
     ) -> Result<Self, Error> {
         let rows = client
@@ -92,6 +98,17 @@ impl TableShape {
         let aggregate_id = required("aggregate_id", &c.aggregate_id)?;
         let event_type = required("event_type", &c.event_type)?;
         let payload = required("payload", &c.payload)?;
+        let template_columns = template_columns
+            .iter()
+            .map(|(name, setting)| {
+                column(name).map(|col| (Arc::from(name.as_str()), col)).ok_or_else(|| {
+                    Error::Setup(format!(
+                        "{setting} names {{{name}}}, but the outbox table `{}` has no column `{name}`; name a column of the table, or one of {{aggregate_type}}, {{aggregate_id}}, {{event_type}}",
+                        table.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let required: &[&str] = if bookkeeping {
             &[
                 "relay_seq",
@@ -132,7 +149,21 @@ impl TableShape {
             tracestate: column(&c.tracestate),
             created_at: column(&c.created_at).filter(|t| t.sql_type.starts_with("timestamp")),
             created_at_name: c.created_at.clone(),
+            template_columns,
         })
+    }
+
+    /// The names of [`Self::template_columns`].
+    pub fn template_column_names(&self) -> Vec<Arc<str>> {
+        self.template_columns
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// How many columns [`Self::event_columns`] selects.
+    pub fn width(&self) -> usize {
+        FIXED_COLUMNS + self.template_columns.len()
     }
 
     pub fn payload_is_bytea(&self) -> bool {
@@ -159,7 +190,7 @@ impl TableShape {
         .unwrap_or("text")
     }
 
-    /// The [`EVENT_COLUMNS`] columns that [`Self::decode`] reads, from the table aliased `a`.
+    /// The [`Self::width`] columns that [`Self::decode`] reads, from the table aliased `a`.
     /// Text columns as text, the payload as bytes (text payloads encoded as UTF-8), the
     /// creation time as ms since the Unix epoch, NULL for a column the table lacks.
     pub fn event_columns(&self, a: &str) -> String {
@@ -176,7 +207,7 @@ impl TableShape {
             Some(c) => format!("(extract(epoch FROM {a}.{}) * 1000)::bigint", c.quoted),
             None => "NULL::bigint".into(),
         };
-        format!(
+        let mut columns = format!(
             "{}, {}, {}, {}, {payload}, {}, {}, {}, {created}",
             text(Some(&self.id)),
             text(Some(&self.aggregate_type)),
@@ -185,12 +216,17 @@ impl TableShape {
             text(self.headers.as_ref()),
             text(self.traceparent.as_ref()),
             text(self.tracestate.as_ref()),
-        )
+        );
+        for (_, c) in &self.template_columns {
+            columns.push_str(", ");
+            columns.push_str(&text(Some(c)));
+        }
+        columns
     }
 
-    /// The event in columns `first..first + EVENT_COLUMNS` of `row`, selected by
+    /// The event in columns `first..first + self.width()` of `row`, selected by
     /// [`Self::event_columns`], at source position `seq`.
-    pub fn decode(row: &Row, first: usize, seq: i64) -> OutboxEvent {
+    pub fn decode(&self, row: &Row, first: usize, seq: i64) -> OutboxEvent {
         let text = |i: usize| row.get::<_, Option<String>>(first + i);
         RowColumns {
             id: text(0),
@@ -202,6 +238,9 @@ impl TableShape {
             traceparent: text(6),
             tracestate: text(7),
             created_at_ms: row.get(first + 8),
+            columns: (self.template_columns.iter().enumerate())
+                .map(|(i, (name, _))| (name.clone(), text(FIXED_COLUMNS + i)))
+                .collect(),
         }
         .into_event(seq, None)
     }

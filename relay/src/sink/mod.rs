@@ -31,6 +31,7 @@ use futures::future::BoxFuture;
 use crate::config::{Config, SinkKind};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::message::Binding;
 
 /// One message counted as in flight on a sink's current path (AMQP connection, Kafka producer)
 /// until its answer is in, or until its confirmation future is dropped (a session ended and
@@ -81,10 +82,13 @@ impl AnySink {
     /// here, at start-up, with a message that says what to fix.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
         Ok(match config.sink {
-            SinkKind::Kafka => AnySink::Kafka(kafka::KafkaSink::connect(&config.kafka).await?),
-            SinkKind::Rabbitmq => {
-                AnySink::Rabbitmq(amqp::AmqpSink::connect(&config.rabbitmq).await?)
-            }
+            SinkKind::Kafka => AnySink::Kafka(
+                kafka::KafkaSink::connect(&config.kafka, config.encoder(Binding::Kafka)).await?,
+            ),
+            SinkKind::Rabbitmq => AnySink::Rabbitmq(
+                amqp::AmqpSink::connect(&config.rabbitmq, config.encoder(Binding::Rabbitmq))
+                    .await?,
+            ),
         })
     }
 }

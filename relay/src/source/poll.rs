@@ -68,7 +68,7 @@ impl Source for PollSource {
             )
             .await
             .map_err(|e| Error::pg("cannot set up the polling connection", e))?;
-        let outbox = Outbox::inspect(&conn.client, &config.outbox, true).await?;
+        let outbox = Outbox::inspect(&conn.client, config, true).await?;
         let statements = outbox.prepare_poll(&conn.client).await?;
         let trigger = outbox.has_notify_trigger(&conn.client).await?;
         if config.poll.notify {

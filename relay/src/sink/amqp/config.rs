@@ -8,13 +8,14 @@
 //! redacted form appears in messages. Whether the URL's host, credentials and vhost work
 //! (<https://www.rabbitmq.com/docs/uri-spec>) is only known when the sink connects.
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::secret::Secret;
 use crate::error::Error;
-use crate::template::Template;
+use crate::template::{Placeholder, Template};
 
 /// The `[rabbitmq]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,8 +27,13 @@ pub struct RabbitmqConfig {
     pub exchange: String,
     /// Declare the (durable, topic) exchange at start-up; when false it must already exist.
     pub declare_exchange: bool,
-    /// Routing key template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
+    /// Routing key template: `{aggregate_type}`, `{event_type}`, `{aggregate_id}`, any column
+    /// of the outbox row (`{tenant}`), and `{partition}` when `partitions` is set.
     pub routing_key: String,
+    /// Number of partitions of `{partition}` (= `murmur2(aggregate_id) mod partitions`, the
+    /// partition Kafka's default partitioner picks for the same key): one queue per partition
+    /// lets that many consumers work in parallel and keep each aggregate's order.
+    pub partitions: Option<u32>,
     /// How long to wait for a broker confirmation before counting the publish as failed.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
@@ -43,6 +49,7 @@ impl Default for RabbitmqConfig {
             exchange: "outbox".into(),
             declare_exchange: true,
             routing_key: "{aggregate_type}.{event_type}".into(),
+            partitions: None,
             confirm_timeout: Duration::from_secs(30),
             max_message_size: 128 * 1024 * 1024,
         }
@@ -67,9 +74,41 @@ impl RabbitmqConfig {
                     .into(),
             );
         }
-        Template::parse(&self.routing_key)
-            .map_err(|e| Error::Config(format!("rabbitmq.routing_key: {e}")))?;
+        let routing_key = self.routing_key_template()?;
+        if self.partitions.is_some() && !routing_key.uses(&Placeholder::Partition) {
+            return bad(format!(
+                "rabbitmq.partitions is set but rabbitmq.routing_key `{}` does not use {{partition}}; add it, e.g. \"{{aggregate_type}}.{{partition}}\", or remove rabbitmq.partitions",
+                self.routing_key
+            ));
+        }
         Ok(())
+    }
+
+    /// The routing key template; `Err` names the setting.
+    pub fn routing_key_template(&self) -> Result<Template, Error> {
+        let partitions = match self.partitions {
+            None => None,
+            Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {
+                Error::Config(
+                    "rabbitmq.partitions = 0: set it to the number of partition queues (at least 1), or remove it"
+                        .into(),
+                )
+            })?),
+        };
+        Template::parse_partitioned(&self.routing_key, partitions)
+            .map_err(|e| Error::Config(format!("rabbitmq.routing_key: {e}")))
+    }
+
+    /// The outbox columns the routing key names besides the event's fields, each with the
+    /// setting that names it.
+    pub fn template_columns(&self) -> Vec<(String, &'static str)> {
+        self.routing_key_template()
+            .map(|t| {
+                t.columns()
+                    .map(|c| (c.to_string(), "rabbitmq.routing_key"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -94,6 +133,26 @@ mod tests {
     }
 
     #[test]
+    fn partitions_and_the_partition_placeholder_go_together() {
+        let with = |routing_key: &str, partitions: Option<u32>| {
+            RabbitmqConfig {
+                routing_key: routing_key.into(),
+                partitions,
+                ..RabbitmqConfig::default()
+            }
+            .validate()
+            .map_err(|e| e.to_string())
+        };
+        with("{aggregate_type}.{partition}", Some(8)).unwrap();
+        let err = with("{aggregate_type}.{partition}", Some(0)).unwrap_err();
+        assert!(err.contains("rabbitmq.partitions = 0"), "{err}");
+        let err = with("{aggregate_type}.{partition}", None).unwrap_err();
+        assert!(err.contains("needs rabbitmq.partitions"), "{err}");
+        let err = with("{aggregate_type}", Some(8)).unwrap_err();
+        assert!(err.contains("does not use {partition}"), "{err}");
+    }
+
+    #[test]
     fn empty_exchange_and_bad_routing_key_are_refused() {
         let c = RabbitmqConfig {
             exchange: String::new(),
@@ -106,7 +165,7 @@ mod tests {
                 .contains("rabbitmq.exchange")
         );
         let c = RabbitmqConfig {
-            routing_key: "{type}".into(),
+            routing_key: "{type".into(),
             ..RabbitmqConfig::default()
         };
         assert!(

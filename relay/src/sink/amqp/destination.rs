@@ -13,7 +13,6 @@
 use super::config::RabbitmqConfig;
 use crate::error::Error;
 use crate::event::OutboxEvent;
-use crate::template::Template;
 
 /// Checks an `--exchange` value.
 pub fn parse_override(exchange: &str) -> Result<(), String> {
@@ -43,8 +42,12 @@ pub fn describe(config: &RabbitmqConfig) -> String {
 /// `exchange / routing key` of `event`; the key is empty when the template does not parse
 /// (validation refused such a config already).
 pub fn render(config: &RabbitmqConfig, event: &OutboxEvent) -> String {
-    let routing_key = Template::parse(&config.routing_key)
-        .map(|t| t.render(event))
+    let routing_key = config
+        .routing_key_template()
+        .map(|t| match t.render(event) {
+            Ok(key) => key.into_owned(),
+            Err(e) => format!("(cannot route: {e})"),
+        })
         .unwrap_or_default();
     format!("{} / {routing_key}", config.exchange)
 }

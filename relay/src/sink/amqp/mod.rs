@@ -29,6 +29,7 @@ use self::config::RabbitmqConfig;
 use super::{Confirmations, InFlight, Sink};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::message::{Encoder, Wire};
 use crate::metrics::PublishTally;
 use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
@@ -40,6 +41,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AmqpSink {
     config: RabbitmqConfig,
     routing_key: Template,
+    encoder: Encoder,
     link: Option<(Connection, Channel)>,
     /// Publishes on the current link whose confirmation has not arrived.
     in_flight: Arc<AtomicUsize>,
@@ -48,10 +50,11 @@ pub struct AmqpSink {
 impl AmqpSink {
     /// Connects and declares (or checks) the exchange: an unreachable broker, wrong credentials
     /// or a missing exchange are start-up errors.
-    pub async fn connect(config: &RabbitmqConfig) -> Result<Self, Error> {
+    pub async fn connect(config: &RabbitmqConfig, encoder: Encoder) -> Result<Self, Error> {
         let mut sink = Self {
             config: config.clone(),
-            routing_key: Template::parse(&config.routing_key).map_err(Error::Config)?,
+            routing_key: config.routing_key_template()?,
+            encoder,
             link: None,
             in_flight: Arc::default(),
         };
@@ -167,26 +170,32 @@ fn check_limits(
     {
         return Err(e);
     }
-    if event.payload.len() > max_body {
+    let Some(payload) = &event.payload else {
+        return Err(PublishError::permanent(
+            "the payload is NULL; RabbitMQ has no tombstones, so such a row cannot be sent (kafka.tombstone_on_null_payload is for Kafka)",
+        ));
+    };
+    if payload.len() > max_body {
         return Err(PublishError::permanent(format!(
             "the payload is {} bytes, above rabbitmq.max_message_size ({max_body})",
-            event.payload.len()
+            payload.len()
         )));
     }
     Ok(())
 }
 
-fn properties(event: &OutboxEvent, span: &PublishSpan) -> BasicProperties {
+fn properties(event: &OutboxEvent, wire: &Wire<'_>) -> BasicProperties {
     let mut headers = FieldTable::default();
-    for (key, value) in
-        event.message_headers(span.traceparent.as_deref(), span.tracestate.as_deref())
-    {
-        headers.insert(ShortString::from(key), AMQPValue::LongString(value.into()));
+    for (key, value) in &wire.headers {
+        headers.insert(
+            ShortString::from(&**key),
+            AMQPValue::LongString((&**value).into()),
+        );
     }
     let mut props = BasicProperties::default()
         .with_message_id(event.id.as_str().into())
         .with_type(event.event_type.as_str().into())
-        .with_content_type("application/json".into())
+        .with_content_type(wire.content_type.into())
         .with_delivery_mode(2)
         .with_headers(headers);
     if let Some(ms) = event.created_at_ms {
@@ -260,7 +269,14 @@ impl Sink for AmqpSink {
                 pending.push(Pending::Failed(PublishError::unavailable(e.clone())));
                 continue;
             }
-            let routing_key = self.routing_key.render(event);
+            let routing_key = match self.routing_key.render(event) {
+                Ok(k) => k.into_owned(),
+                Err(e) => {
+                    refused.insert(key);
+                    pending.push(Pending::Failed(PublishError::permanent(e)));
+                    continue;
+                }
+            };
             if let Err(e) = check_limits(event, &routing_key, self.config.max_message_size) {
                 refused.insert(key);
                 pending.push(Pending::Failed(e));
@@ -274,6 +290,11 @@ impl Sink for AmqpSink {
                     routing_key: Some(&routing_key),
                 },
             );
+            let wire = self.encoder.encode(
+                event,
+                span.traceparent.as_deref(),
+                span.tracestate.as_deref(),
+            );
             let sent = channel
                 .basic_publish(
                     &exchange,
@@ -282,8 +303,8 @@ impl Sink for AmqpSink {
                         mandatory: true,
                         immediate: false,
                     },
-                    &event.payload,
-                    properties(event, &span),
+                    wire.body.as_deref().unwrap_or_default(),
+                    properties(event, &wire),
                 )
                 .await;
             match sent {

@@ -32,8 +32,16 @@ pub const GUARDED_PROPERTIES: [&str; 3] = [
 pub struct KafkaConfig {
     /// Bootstrap servers (`RELAY_KAFKA_BROKERS`).
     pub brokers: String,
-    /// Topic template; placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`.
+    /// Topic template: `{aggregate_type}`, `{event_type}`, `{aggregate_id}` or any column of
+    /// the outbox row, e.g. `{tenant}`.
     pub topic: String,
+    /// Message key template, default `{aggregate_id}`; it picks the partition, so it must
+    /// have one value per aggregate (e.g. `{tenant}`, a column fixed for the aggregate) for
+    /// the aggregate's order to hold.
+    pub key: String,
+    /// A NULL payload becomes a tombstone (the key with a null value, for compacted topics)
+    /// instead of a dead letter.
+    pub tombstone_on_null_payload: bool,
     /// Create a missing topic instead of failing its events.
     pub create_topics: bool,
     /// Partitions of a topic the relay creates.
@@ -52,6 +60,8 @@ impl Default for KafkaConfig {
         Self {
             brokers: "127.0.0.1:9092".into(),
             topic: "outbox.event.{aggregate_type}".into(),
+            key: "{aggregate_id}".into(),
+            tombstone_on_null_payload: false,
             create_topics: false,
             partitions: 3,
             replication_factor: 1,
@@ -72,7 +82,7 @@ impl KafkaConfig {
                     .into(),
             );
         }
-        Template::parse(&self.topic).map_err(|e| Error::Config(format!("kafka.topic: {e}")))?;
+        self.templates()?;
         for guarded in GUARDED_PROPERTIES {
             if self.properties.contains_key(guarded) {
                 return bad(format!(
@@ -87,6 +97,32 @@ impl KafkaConfig {
             return bad("kafka.replication_factor must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The topic and key templates; `Err` names the setting.
+    pub fn templates(&self) -> Result<(Template, Template), Error> {
+        let topic =
+            Template::parse(&self.topic).map_err(|e| Error::Config(format!("kafka.topic: {e}")))?;
+        let key =
+            Template::parse(&self.key).map_err(|e| Error::Config(format!("kafka.key: {e}")))?;
+        Ok((topic, key))
+    }
+
+    /// The outbox columns the templates name besides the event's fields, each with the
+    /// setting that names it.
+    pub fn template_columns(&self) -> Vec<(String, &'static str)> {
+        let Ok((topic, key)) = self.templates() else {
+            return vec![];
+        };
+        let mut out: Vec<(String, &'static str)> = Vec::new();
+        for (setting, t) in [("kafka.topic", &topic), ("kafka.key", &key)] {
+            for c in t.columns() {
+                if !out.iter().any(|(n, _)| n == c) {
+                    out.push((c.to_string(), setting));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -113,6 +149,32 @@ mod tests {
         let mut c = KafkaConfig::default();
         c.properties.insert("linger.ms".into(), "20".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn key_is_a_template_and_its_columns_are_listed() {
+        let c = KafkaConfig {
+            topic: "outbox.{tenant}".into(),
+            key: "{tenant}-{region}".into(),
+            ..KafkaConfig::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(
+            c.template_columns(),
+            [
+                ("tenant".to_string(), "kafka.topic"),
+                ("region".to_string(), "kafka.key")
+            ]
+        );
+        let c = KafkaConfig {
+            key: "{partition}".into(),
+            ..KafkaConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.key") && err.contains("rabbitmq.partitions"),
+            "{err}"
+        );
     }
 
     #[test]

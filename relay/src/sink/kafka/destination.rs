@@ -44,11 +44,14 @@ pub fn describe(config: &KafkaConfig) -> String {
     format!("Kafka topic `{}`", config.topic)
 }
 
-/// The topic `event` goes to; empty when the template does not parse (validation refused
-/// such a config already).
+/// The topic `event` goes to, or why it cannot be routed; empty when the template does not
+/// parse (validation refused such a config already).
 pub fn render(config: &KafkaConfig, event: &OutboxEvent) -> String {
     Template::parse(&config.topic)
-        .map(|t| t.render(event))
+        .map(|t| match t.render(event) {
+            Ok(topic) => topic.into_owned(),
+            Err(e) => format!("(cannot route: {e})"),
+        })
         .unwrap_or_default()
 }
 
@@ -124,7 +127,7 @@ mod tests {
         let e = OutboxEvent::for_tests("wallet", "w1", "CardAdded");
         assert_eq!(render(&replay, &e), "replay.wallet");
         assert!(
-            parse_override("replay.{x}")
+            parse_override("replay.{x")
                 .unwrap_err()
                 .starts_with("--topic: ")
         );

@@ -18,6 +18,7 @@ pub mod destination;
 pub mod probe;
 
 use hashbrown::{HashMap, HashSet};
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use self::config::KafkaConfig;
 use super::{Confirmations, InFlight, Sink};
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
+use crate::message::Encoder;
 use crate::metrics::PublishTally;
 use crate::telemetry::{Destination, PublishSpan, start_publish_span};
 use crate::template::Template;
@@ -60,6 +62,8 @@ pub struct KafkaSink {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     topic: Template,
+    key: Template,
+    encoder: Encoder,
     config: KafkaConfig,
     known_topics: HashSet<String>,
     /// Topics the broker said do not exist (with `create_topics = false`), and when.
@@ -96,6 +100,9 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
             config.message_timeout.as_millis().to_string(),
         )
         .set("allow.auto.create.topics", "false")
+        // The partitioner of Kafka's Java client (and Debezium): a key lands on the same
+        // partition whoever produces it, and `{partition}` in RabbitMQ routing keys matches it.
+        .set("partitioner", "murmur2_random")
         // A sidecar talks to a handful of brokers: after an outage, reconnect within a second
         // rather than librdkafka's default of up to 10 s (messages time out meanwhile).
         .set("reconnect.backoff.max.ms", "1000");
@@ -108,7 +115,7 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 impl KafkaSink {
     /// Creates the producer and fetches the cluster's metadata once: unreachable brokers or
     /// bad `kafka.properties` are start-up errors.
-    pub async fn connect(config: &KafkaConfig) -> Result<Self, Error> {
+    pub async fn connect(config: &KafkaConfig, encoder: Encoder) -> Result<Self, Error> {
         let client_config = client_config(config);
         let producer: FutureProducer = client_config.create().map_err(|e| {
             Error::Config(format!(
@@ -118,6 +125,7 @@ impl KafkaSink {
         let admin: AdminClient<DefaultClientContext> = client_config
             .create()
             .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
+        let (topic, key) = config.templates()?;
         let probe = producer.clone();
         let brokers = config.brokers.clone();
         tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, METADATA_TIMEOUT))
@@ -131,7 +139,9 @@ impl KafkaSink {
         Ok(Self {
             producer,
             admin,
-            topic: Template::parse(&config.topic).map_err(Error::Config)?,
+            topic,
+            key,
+            encoder,
             config: config.clone(),
             known_topics: HashSet::new(),
             missing_topics: HashMap::new(),
@@ -379,9 +389,25 @@ impl Sink for KafkaSink {
             let results = events.iter().map(|_| Err(e.clone())).collect();
             return Box::pin(async move { results });
         }
-        let topics: Vec<String> = events.iter().map(|e| self.topic.render(e)).collect();
+        // Where each event goes, or why it cannot go anywhere (a NULL column its topic or
+        // key names, a NULL payload without tombstones): known before anything is sent.
+        // (Copies of the templates: what they render may borrow them across `&mut self` calls.)
+        let (topic_template, key_template) = (self.topic.clone(), self.key.clone());
+        let routes: Vec<Result<(String, Cow<'_, str>), PublishError>> = events
+            .iter()
+            .map(|e| {
+                let topic = topic_template.render(e).map_err(PublishError::permanent)?;
+                let key = key_template.render(e).map_err(PublishError::permanent)?;
+                if e.payload.is_none() && !self.config.tombstone_on_null_payload {
+                    return Err(PublishError::permanent(
+                        "the payload is NULL; set kafka.tombstone_on_null_payload = true to send such rows as tombstones (the key with a null value)",
+                    ));
+                }
+                Ok((topic.into_owned(), key))
+            })
+            .collect();
         let mut topic_status: HashMap<String, Result<(), PublishError>> = HashMap::new();
-        for topic in &topics {
+        for (topic, _) in routes.iter().flatten() {
             if !topic_status.contains_key(topic) {
                 let status = self.ensure_topic(topic).await;
                 topic_status.insert(topic.clone(), status);
@@ -401,8 +427,24 @@ impl Sink for KafkaSink {
         // Aggregates with an event refused before it reached the producer: their later events
         // are not produced either, so they cannot reach the broker ahead of it.
         let mut refused: HashSet<(&str, &str)> = HashSet::new();
-        for (event, topic) in events.iter().zip(topics) {
+        for (event, route) in events.iter().zip(routes) {
             let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
+            let (topic, message_key) = match route {
+                Ok(route) => route,
+                Err(e) => {
+                    refused.insert(key);
+                    let span = start_publish_span(
+                        event,
+                        &Destination {
+                            system: "kafka",
+                            name: self.topic.as_str(),
+                            routing_key: None,
+                        },
+                    );
+                    pending.push(Pending::Failed(e, span));
+                    continue;
+                }
+            };
             let span = start_publish_span(
                 event,
                 &Destination {
@@ -423,19 +465,24 @@ impl Sink for KafkaSink {
                 ));
                 continue;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(8);
-            for (key, value) in
-                event.message_headers(span.traceparent.as_deref(), span.tracestate.as_deref())
-            {
+            let wire = self.encoder.encode(
+                event,
+                span.traceparent.as_deref(),
+                span.tracestate.as_deref(),
+            );
+            let mut headers = OwnedHeaders::new_with_capacity(wire.headers.len());
+            for (key, value) in &wire.headers {
                 headers = headers.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 });
             }
-            let mut record = FutureRecord::to(&topic)
-                .key(event.aggregate_id.as_bytes())
-                .payload(&event.payload)
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                .key(message_key.as_bytes())
                 .headers(headers);
+            if let Some(body) = &wire.body {
+                record = record.payload(body);
+            }
             if let Some(ts) = event.created_at_ms {
                 record = record.timestamp(ts);
             }

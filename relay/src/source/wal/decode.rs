@@ -7,6 +7,8 @@
 //!
 //! pgoutput message formats: <https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html>.
 
+use std::sync::Arc;
+
 use pgwire_replication::Lsn;
 
 use crate::config::ColumnsConfig;
@@ -27,10 +29,18 @@ pub(super) struct ColumnMap {
     traceparent: Option<usize>,
     tracestate: Option<usize>,
     created_at: Option<usize>,
+    /// The other columns the templates name, by name.
+    template_columns: Vec<(Arc<str>, usize)>,
 }
 
 impl ColumnMap {
-    pub(super) fn new(rel: &Relation, c: &ColumnsConfig) -> Result<Self, Error> {
+    /// The positions of `c`'s columns and of `template_columns` (found in the table when the
+    /// source started) in `rel`.
+    pub(super) fn new(
+        rel: &Relation,
+        c: &ColumnsConfig,
+        template_columns: &[Arc<str>],
+    ) -> Result<Self, Error> {
         let find = |name: &str| rel.columns.iter().position(|col| col.name == name);
         let need = |setting: &str, name: &str| {
             find(name).ok_or_else(|| {
@@ -52,6 +62,17 @@ impl ColumnMap {
             traceparent: find(&c.traceparent),
             tracestate: find(&c.tracestate),
             created_at: find(&c.created_at),
+            template_columns: template_columns
+                .iter()
+                .map(|name| {
+                    find(name).map(|i| (name.clone(), i)).ok_or_else(|| {
+                        Error::Setup(format!(
+                            "the replicated table `{}.{}` has no column `{name}`, which a template names",
+                            rel.namespace, rel.name
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -79,6 +100,9 @@ impl ColumnMap {
             traceparent: opt(self.traceparent),
             tracestate: opt(self.tracestate),
             created_at_ms: opt(self.created_at).and_then(|t| pgoutput::timestamptz_millis(&t)),
+            columns: (self.template_columns.iter())
+                .map(|(name, i)| (name.clone(), text(*i)))
+                .collect(),
         };
         columns.into_event(seq, defect)
     }
@@ -96,9 +120,19 @@ struct EmittedEvent {
     headers: Option<serde_json::Value>,
     traceparent: Option<String>,
     tracestate: Option<String>,
+    /// Other fields, among them the columns the templates name.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
-pub(super) fn emitted_event(seq: i64, lsn: Lsn, content: &[u8]) -> OutboxEvent {
+/// The event of an emitted message at `lsn`; the fields named `template_columns` are read
+/// as the template columns of a row (strings as they are, other JSON as its text).
+pub(super) fn emitted_event(
+    seq: i64,
+    lsn: Lsn,
+    content: &[u8],
+    template_columns: &[Arc<str>],
+) -> OutboxEvent {
     let fallback_id = format!("lsn-{lsn}");
     match serde_json::from_slice::<EmittedEvent>(content) {
         Ok(m) => {
@@ -115,6 +149,16 @@ pub(super) fn emitted_event(seq: i64, lsn: Lsn, content: &[u8]) -> OutboxEvent {
                 traceparent: m.traceparent,
                 tracestate: m.tracestate,
                 created_at_ms: None,
+                columns: (template_columns.iter())
+                    .map(|name| {
+                        let value = m.rest.get(&**name).and_then(|v| match v {
+                            serde_json::Value::Null => None,
+                            serde_json::Value::String(s) => Some(s.clone()),
+                            other => Some(other.to_string()),
+                        });
+                        (name.clone(), value)
+                    })
+                    .collect(),
             };
             columns.into_event(seq, defect)
         }
@@ -139,18 +183,22 @@ mod tests {
         let ok = emitted_event(
             1,
             Lsn(42),
-            br#"{"id":"e1","aggregate_type":"wallet","aggregate_id":"w1","event_type":"CardAdded","payload":{"a":1},"headers":{"tenant":"t"}}"#,
+            br#"{"id":"e1","aggregate_type":"wallet","aggregate_id":"w1","event_type":"CardAdded","payload":{"a":1},"headers":{"tenant":"t"},"region":"eu"}"#,
+            &[Arc::from("region"), Arc::from("zone")],
         );
         assert_eq!(ok.id, "e1");
-        assert_eq!(ok.payload, br#"{"a":1}"#);
+        assert_eq!(ok.payload.as_deref(), Some(&br#"{"a":1}"#[..]));
+        assert_eq!(ok.column("region"), Some("eu"));
+        assert_eq!(ok.column("zone"), None);
         assert_eq!(ok.headers, vec![("tenant".to_string(), "t".to_string())]);
         assert!(ok.validate().is_ok());
-        let bad = emitted_event(2, Lsn(43), b"not json");
+        let bad = emitted_event(2, Lsn(43), b"not json", &[]);
         assert!(bad.validate().is_err());
         let no_id = emitted_event(
             3,
             Lsn(44),
             br#"{"aggregate_type":"w","aggregate_id":"1","event_type":"E","payload":{}}"#,
+            &[],
         );
         assert!(no_id.validate().unwrap_err().contains("no `id`"));
     }

@@ -310,7 +310,11 @@ impl WalSource {
                     let ours = rel.namespace == self.outbox.table.schema_or_public()
                         && rel.name == self.outbox.table.name;
                     let map = if ours {
-                        Some(ColumnMap::new(&rel, &self.config.outbox.columns)?)
+                        Some(ColumnMap::new(
+                            &rel,
+                            &self.config.outbox.columns,
+                            &self.outbox.shape.template_column_names(),
+                        )?)
                     } else {
                         None
                     };
@@ -341,7 +345,12 @@ impl WalSource {
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let event = emitted_event(seq, lsn, &content);
+                let event = emitted_event(
+                    seq,
+                    lsn,
+                    &content,
+                    &self.outbox.shape.template_column_names(),
+                );
                 if !(transactional && self.frontier.add_to_open(seq)) {
                     self.frontier.add_standalone(seq, lsn, now_ms());
                 }
@@ -372,7 +381,7 @@ impl WalSource {
 impl Source for WalSource {
     async fn open(config: &Config) -> Result<Self, Error> {
         let conn = PgConn::connect(&config.database_url).await?;
-        let outbox = Outbox::inspect(&conn.client, &config.outbox, false).await?;
+        let outbox = Outbox::inspect(&conn.client, config, false).await?;
         let slot =
             resolve_slot_name(&conn.client, config.wal.slot.as_deref(), &outbox.table).await?;
         check_setup(&conn.client, config, &outbox.table, &slot).await?;
