@@ -112,6 +112,35 @@ pub struct Wire<'a> {
     pub content_type: &'static str,
 }
 
+/// A CloudEvents attribute: its name, and its header in each binary binding.
+#[derive(Debug)]
+struct Attribute {
+    name: &'static str,
+    kafka: &'static str,
+    rabbitmq: &'static str,
+}
+
+const fn attribute(name: &'static str, kafka: &'static str, rabbitmq: &'static str) -> Attribute {
+    Attribute {
+        name,
+        kafka,
+        rabbitmq,
+    }
+}
+
+/// The attributes the relay sets, in the order [`Encoder::encode`] gives their values.
+const ATTRIBUTES: [Attribute; 9] = [
+    attribute("specversion", "ce_specversion", "ce-specversion"),
+    attribute("id", "ce_id", "ce-id"),
+    attribute("source", "ce_source", "ce-source"),
+    attribute("type", "ce_type", "ce-type"),
+    attribute("subject", "ce_subject", "ce-subject"),
+    attribute("time", "ce_time", "ce-time"),
+    attribute("aggregatetype", "ce_aggregatetype", "ce-aggregatetype"),
+    attribute("traceparent", "ce_traceparent", "ce-traceparent"),
+    attribute("tracestate", "ce_tracestate", "ce-tracestate"),
+];
+
 pub const JSON: &str = "application/json";
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
@@ -146,32 +175,30 @@ impl Encoder {
         }
         let tracestate = traceparent.and(tracestate);
         let time = event.created_at_ms.and_then(rfc3339);
-        let attributes: Vec<(&str, Cow<'a, str>)> = [
-            ("specversion", Some(Cow::Borrowed("1.0"))),
-            ("id", Some(Cow::Borrowed(event.id.as_str()))),
-            ("source", Some(Cow::Borrowed(self.source.as_str()))),
-            ("type", Some(Cow::Borrowed(event.event_type.as_str()))),
-            ("subject", Some(Cow::Borrowed(event.aggregate_id.as_str()))),
-            ("time", time.map(Cow::Owned)),
-            (
-                "aggregatetype",
+        let attributes: Vec<(&Attribute, Cow<'a, str>)> = ATTRIBUTES
+            .iter()
+            .zip([
+                Some(Cow::Borrowed("1.0")),
+                Some(Cow::Borrowed(event.id.as_str())),
+                Some(Cow::Borrowed(self.source.as_str())),
+                Some(Cow::Borrowed(event.event_type.as_str())),
+                Some(Cow::Borrowed(event.aggregate_id.as_str())),
+                time.map(Cow::Owned),
                 Some(Cow::Borrowed(event.aggregate_type.as_str())),
-            ),
-            ("traceparent", traceparent.map(Cow::Borrowed)),
-            ("tracestate", tracestate.map(Cow::Borrowed)),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, v?)))
-        .collect();
+                traceparent.map(Cow::Borrowed),
+                tracestate.map(Cow::Borrowed),
+            ])
+            .filter_map(|(a, v)| Some((a, v?)))
+            .collect();
         let mut headers: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(14);
         let (content_type, body) = match self.mode {
             ContentMode::Binary => {
-                let prefix = match self.binding {
-                    Binding::Kafka => "ce_",
-                    Binding::Rabbitmq => "ce-",
-                };
-                for (k, v) in attributes {
-                    headers.push((Cow::Owned(format!("{prefix}{k}")), v));
+                for (a, v) in attributes {
+                    let name = match self.binding {
+                        Binding::Kafka => a.kafka,
+                        Binding::Rabbitmq => a.rabbitmq,
+                    };
+                    headers.push((Cow::Borrowed(name), v));
                 }
                 (JSON, body)
             }
@@ -208,12 +235,12 @@ impl Encoder {
 
 /// The structured-mode document: the attributes, `datacontenttype`, and the payload (valid
 /// JSON, checked before sending) as `data`.
-fn structured(attributes: &[(&str, Cow<'_, str>)], data: &[u8]) -> Vec<u8> {
+fn structured(attributes: &[(&Attribute, Cow<'_, str>)], data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 256);
     out.push(b'{');
-    for (k, v) in attributes {
+    for (a, v) in attributes {
         // Keys are fixed names; values are escaped by serde_json.
-        out.extend_from_slice(format!("\"{k}\":").as_bytes());
+        out.extend_from_slice(format!("\"{}\":", a.name).as_bytes());
         out.extend_from_slice(&serde_json::to_vec(&**v).unwrap_or_else(|_| b"null".to_vec()));
         out.push(b',');
     }
