@@ -19,7 +19,8 @@
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | full URL for spans, used as it is; wins over the above |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` | `http/protobuf` (default), `http/json`, `grpc` (with the `otlp-grpc` cargo feature, on by default); the traces variable wins |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` | `key=value,...` sent with every export (e.g. an API key); the traces variable wins, whole |
-//! | `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`, `_COMPRESSION` | read by the exporter itself |
+//! | `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` | export timeout in ms, read by the exporter itself |
+//! | `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION` | none is built in: any value is an error from the exporter |
 //! | `OTEL_SERVICE_NAME` | `service.name` of the resource (default `outbox-relay`) |
 //! | `OTEL_RESOURCE_ATTRIBUTES` | `key=value,...` resource attributes, percent-decoded |
 //!
@@ -233,8 +234,8 @@ impl OtlpExport {
         };
         built.map_err(|e| {
             format!(
-                "cannot set up the OTLP exporter for `{}`: {e}; check \
-                 OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "cannot set up the OTLP exporter for `{}`: {e}; check the \
+                 OTEL_EXPORTER_OTLP_* variables (endpoint, timeout, compression)",
                 self.endpoint
             )
         })
