@@ -215,8 +215,12 @@ impl OtlpExport {
                 })
                 .with_endpoint(&self.endpoint)
                 .build(),
-            // The tonic channel is created here, on the runtime `run` is called on; the batch
-            // processor's thread then sends through it.
+            // The tonic channel's task is spawned here, on the runtime `run` is called on (tonic
+            // would panic without one); the batch processor's thread then sends through it.
+            #[cfg(feature = "otlp-grpc")]
+            OtlpProtocol::Grpc if tokio::runtime::Handle::try_current().is_err() => {
+                return Err("OTLP/gRPC export must be set up on the async runtime".into());
+            }
             #[cfg(feature = "otlp-grpc")]
             OtlpProtocol::Grpc => builder
                 .with_tonic()
@@ -623,6 +627,23 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// tonic spawns its channel's task on the current runtime: without one, an error, not a panic.
+    #[cfg(feature = "otlp-grpc")]
+    #[test]
+    fn a_grpc_exporter_is_built_on_the_runtime_and_is_an_error_without_one() {
+        let export = OtlpExport {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: "http://127.0.0.1:4317".into(),
+        };
+        let e = export.exporter().expect_err("no runtime");
+        assert!(e.contains("async runtime"), "{e}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { assert!(export.exporter().is_ok()) });
     }
 
     #[test]
