@@ -300,6 +300,21 @@ async fn bad_otlp_settings_give_one_clear_message_at_start_up() {
                 ],
             )
         },
+        Case {
+            env: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "https://api.vendor.example".into(),
+            )],
+            migrate_first: false,
+            ..case(
+                "https endpoint without TLS in the build",
+                &[
+                    "OTEL_EXPORTER_OTLP_ENDPOINT=`https://api.vendor.example`",
+                    "without TLS",
+                    "http://",
+                ],
+            )
+        },
     ];
     if !cfg!(feature = "otlp-grpc") {
         cases.push(Case {

@@ -25,7 +25,9 @@
 //! | `OTEL_RESOURCE_ATTRIBUTES` | `key=value,...` resource attributes, percent-decoded |
 //!
 //! Without an endpoint, spans are created (the ids are needed on the messages) and dropped.
-//! An unknown or uncompiled protocol, an endpoint that is not an http(s) URL, and a malformed
+//! Export is without TLS (neither the HTTP client nor tonic is built with it): an `https://`
+//! endpoint is refused; a collector next to the relay, reached over `http://`, forwards over TLS.
+//! An unknown or uncompiled protocol, an endpoint that is not an http URL, and a malformed
 //! headers or resource attributes list are configuration errors at start-up (one message, a
 //! non-zero exit), not warnings: the exporter alone would drop what it cannot parse, or send to
 //! `localhost`, and the first sign would be traces missing in the collector. The messages name
@@ -185,17 +187,27 @@ impl OtlpExport {
         } else {
             endpoint
         };
-        let usable = endpoint.parse::<::http::Uri>().is_ok_and(|uri| {
+        let uri = endpoint.parse::<::http::Uri>().ok().filter(|uri| {
             matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
         });
-        if !usable {
+        // Neither the HTTP client nor tonic is built with TLS here: an https:// receiver would
+        // fail every export, without a word (the SDK's internal logs are not built in either).
+        if uri.as_ref().and_then(|u| u.scheme_str()) == Some("https") {
+            return Err(format!(
+                "{var}=`{}`: this outbox-relay exports OTLP without TLS, so https:// is not \
+                 supported; send to a collector over http:// (e.g. a sidecar or node-local \
+                 collector, which forwards over TLS)",
+                env(var).unwrap_or_default().trim(),
+            ));
+        }
+        if uri.is_none() {
             let example = match (protocol, var) {
                 (OtlpProtocol::Grpc, _) => "http://otel-collector:4317",
                 (_, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") => "http://otel-collector:4318/v1/traces",
                 _ => "http://otel-collector:4318",
             };
             return Err(format!(
-                "{var}=`{}` is not an http:// or https:// URL of an OTLP receiver, e.g. `{example}`",
+                "{var}=`{}` is not an http:// URL of an OTLP receiver, e.g. `{example}`",
                 env(var).unwrap_or_default().trim(),
             ));
         }
@@ -601,11 +613,11 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
                 (
                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                    "https://x.example/otlp/spans"
+                    "http://x.example/otlp/spans"
                 ),
             ])
             .as_deref(),
-            Some("https://x.example/otlp/spans"),
+            Some("http://x.example/otlp/spans"),
             "the traces endpoint is used as it is"
         );
         if cfg!(feature = "otlp-grpc") {
@@ -618,6 +630,13 @@ mod tests {
                 Some("http://collector:4317")
             );
         }
+        let e = export_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.vendor.example")])
+            .unwrap_err();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT=`https://api.vendor.example`: this")
+                && e.contains("without TLS"),
+            "{e}"
+        );
         for bad in ["collector:4318", "localhost", "ftp://x/", "http://"] {
             let e = export_of(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", bad)]).unwrap_err();
             assert!(
