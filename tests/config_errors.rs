@@ -236,6 +236,116 @@ async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
     }
 }
 
+/// The OTLP exporter's variables are checked at start-up: an unknown protocol or a malformed
+/// list is one message naming the variable (and the accepted values), never a header's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_otlp_settings_give_one_clear_message_at_start_up() {
+    let endpoint = (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://127.0.0.1:4318".to_string(),
+    );
+    let mut cases = vec![
+        Case {
+            env: vec![
+                endpoint.clone(),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/xml".into()),
+            ],
+            migrate_first: false,
+            ..case(
+                "unknown protocol",
+                &[
+                    "OTEL_EXPORTER_OTLP_PROTOCOL=`http/xml` is not an OTLP protocol",
+                    "`http/protobuf` (the default)",
+                    "`http/json`",
+                ],
+            )
+        },
+        Case {
+            // Wrong even with no endpoint set: found before it matters.
+            env: vec![("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "protobuf".into())],
+            migrate_first: false,
+            ..case(
+                "unknown traces protocol without an endpoint",
+                &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=`protobuf` is not an OTLP protocol"],
+            )
+        },
+        Case {
+            env: vec![
+                endpoint.clone(),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "authorization=Bearer s3cret,s3cret".into(),
+                ),
+            ],
+            migrate_first: false,
+            ..case(
+                "malformed headers",
+                &[
+                    "OTEL_EXPORTER_OTLP_HEADERS: entry 2 has no `=`",
+                    "key1=value1",
+                ],
+            )
+        },
+        Case {
+            env: vec![(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "team=billing,region=eu%2".into(),
+            )],
+            migrate_first: false,
+            ..case(
+                "malformed resource attributes",
+                &["OTEL_RESOURCE_ATTRIBUTES: the value of `region` has a `%`"],
+            )
+        },
+        Case {
+            env: vec![(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "otel-collector:4318".into(),
+            )],
+            migrate_first: false,
+            ..case(
+                "endpoint without a scheme",
+                &[
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=`otel-collector:4318` is not an http",
+                    "http://otel-collector:4318/v1/traces",
+                ],
+            )
+        },
+        Case {
+            env: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "https://api.vendor.example".into(),
+            )],
+            migrate_first: false,
+            ..case(
+                "https endpoint without TLS in the build",
+                &[
+                    "OTEL_EXPORTER_OTLP_ENDPOINT=`https://api.vendor.example`",
+                    "without TLS",
+                    "http://",
+                ],
+            )
+        },
+    ];
+    if !cfg!(feature = "otlp-grpc") {
+        cases.push(Case {
+            env: vec![endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into())],
+            migrate_first: false,
+            ..case(
+                "grpc not built in",
+                &[
+                    "OTEL_EXPORTER_OTLP_PROTOCOL=`grpc`",
+                    "without OTLP/gRPC",
+                    "`http/json`",
+                ],
+            )
+        });
+    }
+    for c in cases {
+        check(c, Broker::Rabbitmq).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rabbitmq_settings_give_one_clear_message() {
     let cases = vec![

@@ -1,6 +1,7 @@
 //! Traces, metrics and health: one trace id from the writer's span through the relay's
 //! PRODUCER span to the consumer's span; `/metrics` counters that match what was sent;
-//! `/readyz` that follows the broker.
+//! `/readyz` that follows the broker. Spans reach an OTLP receiver over HTTP (JSON or
+//! protobuf) or gRPC, with the headers and resource the standard variables set.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,29 +10,55 @@ use std::time::Duration;
 use opentelemetry::Context;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use prost::Message;
 use rdkafka::mocking::MockCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::proxy::Proxy;
 use crate::support::*;
 
-/// A minimal OTLP/HTTP (JSON) receiver: keeps every span it is sent.
+/// One export request as a receiver saw it.
+#[derive(Clone, Debug)]
+struct Export {
+    /// `application/json`, `application/x-protobuf` or `application/grpc`.
+    content_type: String,
+    /// The HTTP path (`/v1/traces`), or the gRPC method's.
+    path: String,
+    /// Request headers (gRPC metadata), names in lower case.
+    headers: HashMap<String, String>,
+    /// The `ExportTraceServiceRequest` in OTLP/JSON form: protobuf bodies are decoded with the
+    /// official definitions (opentelemetry-proto) and shown as the JSON encoding shows them.
+    request: serde_json::Value,
+}
+
+fn otlp_json(request: &ExportTraceServiceRequest) -> serde_json::Value {
+    serde_json::to_value(request).unwrap()
+}
+
+/// A minimal OTLP receiver, over HTTP (JSON or protobuf bodies) or gRPC: keeps every export.
 #[derive(Clone, Default)]
 struct OtlpReceiver {
-    spans: Arc<Mutex<Vec<serde_json::Value>>>,
+    exports: Arc<Mutex<Vec<Export>>>,
 }
 
 impl OtlpReceiver {
+    /// An OTLP/HTTP receiver; returns its base URL (`http://127.0.0.1:port`).
     async fn start() -> (Self, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let receiver = Self::default();
-        let spans = receiver.spans.clone();
+        let exports = receiver.exports.clone();
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let spans = spans.clone();
+                let exports = exports.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -46,11 +73,20 @@ impl OtlpReceiver {
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
                         };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        let mut lines = head.lines();
+                        let path = lines
+                            .next()
+                            .and_then(|l| l.split(' ').nth(1))
+                            .unwrap_or_default()
+                            .to_string();
+                        let headers: HashMap<String, String> = lines
+                            .filter_map(|l| l.split_once(':'))
+                            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                            .collect();
+                        let len: usize = headers
+                            .get("content-length")
+                            .and_then(|v| v.parse().ok())
                             .unwrap_or(0);
                         while buf.len() < head_end + len {
                             let mut chunk = [0u8; 8192];
@@ -59,18 +95,30 @@ impl OtlpReceiver {
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
                         }
-                        let body: serde_json::Value =
-                            serde_json::from_slice(&buf[head_end..head_end + len])
-                                .unwrap_or_default();
+                        let body = &buf[head_end..head_end + len];
+                        let content_type = headers.get("content-type").cloned().unwrap_or_default();
+                        let protobuf = content_type == "application/x-protobuf";
+                        let request = if protobuf {
+                            ExportTraceServiceRequest::decode(body).map_or_else(
+                                |e| serde_json::json!({ "undecodable": e.to_string() }),
+                                |r| otlp_json(&r),
+                            )
+                        } else {
+                            serde_json::from_slice(body).unwrap_or_default()
+                        };
                         buf.drain(..head_end + len);
-                        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
-                            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                                for span in ss["spans"].as_array().into_iter().flatten() {
-                                    spans.lock().unwrap().push(span.clone());
-                                }
-                            }
-                        }
-                        let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        exports.lock().unwrap().push(Export {
+                            content_type,
+                            path,
+                            headers,
+                            request,
+                        });
+                        // An empty ExportTraceServiceResponse, in the request's encoding.
+                        let reply = if protobuf {
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                        };
                         if sock.write_all(reply.as_bytes()).await.is_err() {
                             return;
                         }
@@ -81,8 +129,56 @@ impl OtlpReceiver {
         (receiver, url)
     }
 
+    /// An OTLP/gRPC receiver (the collector's `TraceService`, served by tonic); returns its URL.
+    async fn start_grpc() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let receiver = Self::default();
+        let service = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (receiver, url)
+    }
+
+    fn exports(&self) -> Vec<Export> {
+        self.exports.lock().unwrap().clone()
+    }
+
     fn spans(&self) -> Vec<serde_json::Value> {
-        self.spans.lock().unwrap().clone()
+        let exports = self.exports();
+        exports
+            .iter()
+            .flat_map(|e| e.request["resourceSpans"].as_array().into_iter().flatten())
+            .flat_map(|rs| rs["scopeSpans"].as_array().into_iter().flatten())
+            .flat_map(|ss| ss["spans"].as_array().into_iter().flatten())
+            .cloned()
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for OtlpReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let headers: HashMap<String, String> = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        self.exports.lock().unwrap().push(Export {
+            content_type: headers.get("content-type").cloned().unwrap_or_default(),
+            path: "/opentelemetry.proto.collector.trace.v1.TraceService/Export".into(),
+            headers,
+            request: otlp_json(request.get_ref()),
+        });
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
 
@@ -94,14 +190,45 @@ fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a str> {
         .as_str()
 }
 
-async fn one_trace_from_writer_to_consumer(broker: Broker) {
-    let (receiver, endpoint) = OtlpReceiver::start().await;
+/// How the relay is told to export, and what the receiver must see.
+struct Otlp {
+    /// `OTEL_*` variables besides the endpoint and the batch delay.
+    env: &'static [(&'static str, &'static str)],
+    grpc: bool,
+    content_type: &'static str,
+    /// `/v1/traces` for the HTTP protocols.
+    path: &'static str,
+    /// Headers the receiver must see on every export.
+    headers: &'static [(&'static str, &'static str)],
+    /// Resource attributes every export must carry.
+    resource: &'static [(&'static str, &'static str)],
+}
+
+const HTTP_JSON: Otlp = Otlp {
+    env: &[
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_SERVICE_NAME", "relay-under-test"),
+    ],
+    grpc: false,
+    content_type: "application/json",
+    path: "/v1/traces",
+    headers: &[],
+    resource: &[("service.name", "relay-under-test")],
+};
+
+async fn one_trace_from_writer_to_consumer(broker: Broker, otlp: Otlp) {
+    let (receiver, endpoint) = if otlp.grpc {
+        OtlpReceiver::start_grpc().await
+    } else {
+        OtlpReceiver::start().await
+    };
     let mut s = Scenario::new(broker).await;
     s.extra_env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
-        ("OTEL_SERVICE_NAME".into(), "relay-under-test".into()),
     ];
+    s.extra_env
+        .extend(otlp.env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     s.migrate();
     let mut reader = s.reader(&["wallet"]).await;
     let _relay = s.start_relay();
@@ -200,23 +327,108 @@ async fn one_trace_from_writer_to_consumer(broker: Broker) {
         producer["spanId"].as_str().unwrap(),
         "consumer span is the relay span's child"
     );
+    // The transport, the exporter's headers and the resource, on every export.
+    let exports = receiver.exports();
+    for export in &exports {
+        assert!(
+            export.content_type.starts_with(otlp.content_type),
+            "content-type `{}`, expected `{}`",
+            export.content_type,
+            otlp.content_type
+        );
+        assert_eq!(export.path, otlp.path);
+        for (name, value) in otlp.headers {
+            assert_eq!(
+                export.headers.get(*name).map(String::as_str),
+                Some(*value),
+                "header `{name}` from OTEL_EXPORTER_OTLP_[TRACES_]HEADERS: {:?}",
+                export.headers
+            );
+        }
+        for rs in export.request["resourceSpans"].as_array().unwrap() {
+            for (key, value) in otlp.resource {
+                assert_eq!(
+                    attribute(&rs["resource"], key),
+                    Some(*value),
+                    "resource attribute `{key}`: {}",
+                    rs["resource"]
+                );
+            }
+        }
+    }
     eprintln!(
-        "{system}: trace {trace_id}: writer span {} -> relay `{}` {} -> consumer span {}",
+        "{system}: trace {trace_id}: writer span {} -> relay `{}` {} -> consumer span {}; \
+         {} exports as {} to {}, headers {:?}",
         writer.span_context.span_id(),
         producer["name"].as_str().unwrap_or(""),
         producer["spanId"].as_str().unwrap_or(""),
-        consumer.span_context.span_id()
+        consumer.span_context.span_id(),
+        exports.len(),
+        exports[0].content_type,
+        exports[0].path,
+        otlp.headers,
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_id_from_writer_through_relay_to_kafka_consumer() {
-    one_trace_from_writer_to_consumer(Broker::Kafka).await;
+    one_trace_from_writer_to_consumer(Broker::Kafka, HTTP_JSON).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_id_from_writer_through_relay_to_rabbitmq_consumer() {
-    one_trace_from_writer_to_consumer(Broker::Rabbitmq).await;
+    one_trace_from_writer_to_consumer(Broker::Rabbitmq, HTTP_JSON).await;
+}
+
+/// No protocol set: the specification's default, OTLP/HTTP with protobuf bodies, decoded here
+/// with the official message definitions; the headers and the resource from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_as_otlp_http_protobuf_by_default_with_the_configured_headers_and_resource() {
+    let otlp = Otlp {
+        env: &[
+            ("OTEL_SERVICE_NAME", "billing-relay"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=ignored,deployment.environment.name=prod%2Feu, service.namespace = billing",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-api-key=k%3D1,x-tenant=acme",
+            ),
+        ],
+        grpc: false,
+        content_type: "application/x-protobuf",
+        path: "/v1/traces",
+        headers: &[("x-api-key", "k=1"), ("x-tenant", "acme")],
+        resource: &[
+            ("service.name", "billing-relay"),
+            ("deployment.environment.name", "prod/eu"),
+            ("service.namespace", "billing"),
+        ],
+    };
+    one_trace_from_writer_to_consumer(Broker::Rabbitmq, otlp).await;
+}
+
+/// `grpc` from the traces variable, which wins over the general one; the endpoint is used as
+/// it is (no `/v1/traces`), the traces headers become gRPC metadata.
+#[cfg(feature = "otlp-grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_over_otlp_grpc_when_the_traces_protocol_says_so() {
+    let otlp = Otlp {
+        env: &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=ignored"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=acme"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=billing-relay"),
+        ],
+        grpc: true,
+        content_type: "application/grpc",
+        path: "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        headers: &[("x-tenant", "acme")],
+        resource: &[("service.name", "billing-relay")],
+    };
+    one_trace_from_writer_to_consumer(Broker::Rabbitmq, otlp).await;
 }
 
 /// Sum of a metric's samples whose labels contain `filter`.
