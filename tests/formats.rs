@@ -230,6 +230,15 @@ async fn cloudevents_read_by_the_sdk(mode: Mode, broker: Broker, content_mode: &
     let by_id: HashMap<&str, &Written> = written.iter().map(|w| (w.id.as_str(), w)).collect();
     let events = sdk_read(broker, &received);
     assert_eq!(events.len(), received.len());
+    if let (Some(m), Some(e)) = (received.first(), events.first()) {
+        eprintln!(
+            "{broker:?} {content_mode}: key {:?}, headers {:?}, content type {:?}, body {}\nthe SDK read: {e}",
+            m.key,
+            m.headers,
+            m.content_type(),
+            String::from_utf8_lossy(m.body.as_deref().unwrap_or_default())
+        );
+    }
     let source = format!("/outbox-relay/{}/public.outbox", s.db.name);
     let mut seen = HashSet::new();
     let mut last_n: BTreeMap<String, u64> = BTreeMap::new();
