@@ -289,3 +289,100 @@ async fn fault_wal_postgres_restart_does_not_republish_confirmed_events() {
         relay.logs()
     );
 }
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves a
+/// walsender of the shared Postgres stopped.
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Self {
+        sh("kill", &["-STOP", &pid.to_string()]);
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A walsender that sends nothing while the WAL moves (here: stopped with SIGSTOP; in life,
+/// e.g. `synchronized_standby_slots` naming a lost standby) is reported within 30 s with the
+/// default `wal.stall_timeout` — log, `/readyz`, the gauge, `status` — and cleared once data
+/// flows again; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_stalled_walsender_is_reported_and_the_report_clears_when_it_flows_again() {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let base = relay.http_base().await;
+    let before = write_events(&s.db.url, "wallet", 2, 5, 1).await;
+    tally(&before, &reader.read_until(&before, READ_TIMEOUT).await).assert_complete_and_ordered();
+    let client = s.db.client().await;
+    let pid: i32 = client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let stopped = Stopped::stop(pid);
+    let started = std::time::Instant::now();
+    let during = write_events(&s.db.url, "wallet", 2, 10, 1).await;
+    let stall = || async {
+        let (_, body) = http_get(&format!("{base}/readyz")).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["stall"].as_str().map(str::to_string)
+    };
+    let mut reported = None;
+    while started.elapsed() < Duration::from_secs(45) && reported.is_none() {
+        reported = stall().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = started.elapsed();
+    let text = reported.unwrap_or_else(|| {
+        panic!(
+            "no stall reported in /readyz within 45 s; relay log:\n{}",
+            relay.logs()
+        )
+    });
+    eprintln!("stall reported after {after:?}: {text}");
+    assert!(after <= Duration::from_secs(30), "reported after {after:?}");
+    assert!(text.contains(&format!("pid {pid}")), "{text}");
+    assert!(text.contains("bytes past what its walsender"), "{text}");
+    assert!(
+        relay.logs().contains("log tailing stalls"),
+        "{}",
+        relay.logs()
+    );
+    let (_, metrics) = http_get(&format!("{base}/metrics")).await;
+    assert!(metrics.contains("outbox_relay_wal_stalled 1"), "{metrics}");
+    let status = s.command(&["status"]);
+    assert!(
+        status.stdout.contains("STALLED"),
+        "status: {}",
+        status.stdout
+    );
+    drop(stopped);
+    let all: Vec<Written> = before.into_iter().chain(during).collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    eprintln!("after the stall: {t:?}");
+    t.assert_complete_and_ordered();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            stall().await.is_none()
+        })
+        .await,
+        "the stall report clears; relay log:\n{}",
+        relay.logs()
+    );
+    assert!(relay.logs().contains("flows again after a stall"));
+    let status = s.command(&["status"]);
+    assert!(!status.stdout.contains("STALLED"), "{}", status.stdout);
+}

@@ -117,6 +117,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "broker": broker,
         "active": active,
         "role": if active { "active" } else { "standby" },
+        "stall": crate::metrics::wal_stall(),
     });
     let status = if ready {
         StatusCode::OK

@@ -29,6 +29,21 @@ pub const BROKER_UP: &str = "outbox_relay_broker_up";
 pub const PRODUCER_RENEWED: &str = "outbox_relay_kafka_producer_renewals_total";
 pub const SENT_BEHIND_FAILURE: &str = "outbox_relay_sent_behind_failure_total";
 pub const RETRYING_AGGREGATES: &str = "outbox_relay_retrying_aggregates";
+pub const WAL_STALLED: &str = "outbox_relay_wal_stalled";
+
+/// What stalls the log-tailing stream, for `/readyz` (see `source::wal::stall`).
+static WAL_STALL: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Records (or with `None` clears) the stream's stall: the gauge and `/readyz`'s detail.
+pub fn set_wal_stall(stall: Option<String>) {
+    metrics::gauge!(WAL_STALLED).set(if stall.is_some() { 1.0 } else { 0.0 });
+    *WAL_STALL.write().unwrap_or_else(|e| e.into_inner()) = stall;
+}
+
+/// The stream's stall, if any.
+pub fn wal_stall() -> Option<String> {
+    WAL_STALL.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 /// Installs the global recorder; call once, before anything records.
 pub fn install() -> Result<PrometheusHandle, Error> {
@@ -84,6 +99,10 @@ pub fn install() -> Result<PrometheusHandle, Error> {
     describe_counter!(
         SENT_BEHIND_FAILURE,
         "Events the broker took while an earlier event of their aggregate had failed; not confirmed, sent again behind it"
+    );
+    describe_gauge!(
+        WAL_STALLED,
+        "1 while the log-tailing stream stalls: connected, the server's WAL moving, nothing sent to the relay"
     );
     describe_gauge!(
         RETRYING_AGGREGATES,

@@ -239,6 +239,11 @@ pub struct WalConfig {
     /// to start (covers transactions that began earlier and committed later).
     #[serde(with = "humantime_serde")]
     pub repair_margin: std::time::Duration,
+    /// How long the stream may deliver nothing while the server's WAL moves and the
+    /// walsender sends none of it before the relay reports a stall (log, `status`, metric,
+    /// `/readyz`); `0s` turns the check off.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for WalConfig {
@@ -251,6 +256,7 @@ impl Default for WalConfig {
             status_interval: std::time::Duration::from_millis(50),
             slot_wait: std::time::Duration::from_secs(30),
             repair_margin: std::time::Duration::from_secs(300),
+            stall_timeout: std::time::Duration::from_secs(20),
         }
     }
 }

@@ -70,6 +70,9 @@ struct Slot {
     retained_wal_bytes: Option<i64>,
     lag_bytes: Option<i64>,
     wal_status: Option<String>,
+    /// What the active relay found stalling its stream, and since when (its progress row).
+    stall: Option<String>,
+    stall_since: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -223,6 +226,8 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 retained_wal_bytes: r.get(4),
                 lag_bytes: r.get(5),
                 wal_status: r.get(6),
+                stall: None,
+                stall_since: None,
             },
             None => Slot {
                 name,
@@ -234,8 +239,28 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 retained_wal_bytes: None,
                 lag_bytes: None,
                 wal_status: None,
+                stall: None,
+                stall_since: None,
             },
         });
+        // The stall columns came with a later migration: read them only if the row has them.
+        let progress = t.table().sibling("_relay_progress");
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT to_jsonb(p)->>'stall', to_jsonb(p)->>'stall_since' FROM {progress} p \
+                     WHERE to_regclass($2) IS NOT NULL AND p.slot_name = $1"
+                ),
+                &[
+                    &status.slot.as_ref().map(|s| s.name.clone()),
+                    &progress.to_string(),
+                ],
+            )
+            .await;
+        if let (Ok(Some(r)), Some(slot)) = (row, status.slot.as_mut()) {
+            slot.stall = r.get(0);
+            slot.stall_since = r.get(1);
+        }
     }
 
     let row = client
@@ -396,6 +421,15 @@ fn render(s: &Status) -> String {
                     .map(|b| format!("{} not yet confirmed", format_bytes(b)))
                     .unwrap_or("-".into()),
             );
+            if let Some(stall) = &slot.stall {
+                add(
+                    "STALLED",
+                    format!(
+                        "since {}: {stall}",
+                        slot.stall_since.as_deref().unwrap_or("?")
+                    ),
+                );
+            }
         } else {
             add(
                 "slot",

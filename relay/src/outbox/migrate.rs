@@ -12,7 +12,7 @@ use crate::ident::quote;
 use crate::pg::slot;
 
 /// The migrations of `migrations/`, applied in order; each is idempotent.
-const MIGRATIONS: [(&str, &str); 10] = [
+const MIGRATIONS: [(&str, &str); 11] = [
     (
         "0001_outbox",
         include_str!("../../../migrations/0001_outbox.sql"),
@@ -52,6 +52,10 @@ const MIGRATIONS: [(&str, &str); 10] = [
     (
         "0010_dead_letter_columns",
         include_str!("../../../migrations/0010_dead_letter_columns.sql"),
+    ),
+    (
+        "0011_wal_stall",
+        include_str!("../../../migrations/0011_wal_stall.sql"),
     ),
 ];
 

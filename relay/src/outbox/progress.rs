@@ -63,6 +63,7 @@ pub(super) struct ProgressSql {
     load: String,
     save: String,
     backfill: String,
+    stall: String,
 }
 
 impl ProgressSql {
@@ -86,6 +87,11 @@ impl ProgressSql {
             ),
             backfill: format!(
                 "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
+            ),
+            stall: format!(
+                "UPDATE {progress} SET stall = $2, \
+                     stall_since = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(stall_since, now()) END \
+                 WHERE slot_name = $1"
             ),
         }
     }
@@ -125,6 +131,20 @@ impl Outbox {
             )
             .await
             .map_err(|e| Error::pg("cannot save the log-tailing progress", e))?;
+        Ok(())
+    }
+
+    /// Records (or with `None` clears) what stalls the stream, for `status`.
+    pub async fn set_stall(
+        &self,
+        client: &Client,
+        slot: &str,
+        stall: Option<&str>,
+    ) -> Result<(), Error> {
+        client
+            .execute(&self.progress.stall, &[&slot, &stall])
+            .await
+            .map_err(|e| Error::pg("cannot record the stream's stall", e))?;
         Ok(())
     }
 

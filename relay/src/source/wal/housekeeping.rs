@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use pgwire_replication::Lsn;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{WalSource, now_ms};
 use crate::error::Error;
@@ -65,6 +65,22 @@ impl WalSource {
         if self.chores.held_loaded.elapsed() > Duration::from_secs(5) {
             self.held = self.outbox.held_aggregates(&self.conn.client).await?;
             self.chores.held_loaded = Instant::now();
+        }
+        // Only while reading for real: nothing parked behind a block, no repair running.
+        let reading = self.handed.len() == self.out.len() && self.backfill.is_none();
+        if reading && self.stall.due(self.config.wal.stall_timeout) {
+            let changed = self
+                .stall
+                .check(&self.conn.client, &self.slot, self.config.wal.stall_timeout)
+                .await?;
+            if let Some(stall) = changed
+                && let Err(e) = (self.outbox)
+                    .set_stall(&self.conn.client, &self.slot, stall.as_deref())
+                    .await
+            {
+                // An outbox migrated before the stall columns: the log and /readyz still say it.
+                debug!(error = %e, "cannot record the stall in the progress row; run `outbox-relay migrate`");
+            }
         }
         if self.chores.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
             self.chores.last_cleanup = Instant::now();

@@ -35,11 +35,13 @@ pub mod frontier;
 mod housekeeping;
 mod repair;
 mod setup;
+mod stall;
 
 use self::decode::{ColumnMap, emitted_event};
 use self::housekeeping::Chores;
 use self::repair::Backfill;
 use self::setup::check_setup;
+use self::stall::StallWatch;
 
 use self::frontier::{Confirmed, Frontier};
 use std::time::{Duration, Instant};
@@ -125,6 +127,8 @@ pub struct WalSource {
     chores: Chores,
     /// A repair in progress: rows created since `from`, read after `cursor`.
     backfill: Option<Backfill>,
+    /// Whether the stream stalls (connected, the WAL moving, nothing sent to us).
+    stall: StallWatch,
 }
 
 fn now_ms() -> i64 {
@@ -291,6 +295,9 @@ impl WalSource {
     }
 
     fn handle(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        if !matches!(event, ReplicationEvent::KeepAlive { .. }) {
+            self.stall.data();
+        }
         match event {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
@@ -404,6 +411,7 @@ impl Source for WalSource {
             next_seq: 1,
             chores: Chores::new(),
             backfill: None,
+            stall: StallWatch::new(),
         })
     }
 
