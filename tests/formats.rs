@@ -61,17 +61,13 @@ async fn kafka_partitions_follow_the_same_murmur2_as_rabbitmq_partition_routing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_keeps_the_column_its_routing_key_names_and_a_retry_restores_it() {
-    let s = Scenario::of(
-        Mode::Poll,
-        Broker::Rabbitmq,
-        "[rabbitmq]\nrouting_key = \"{tenant}.{event_type}\"\n",
-    )
+    let s = Scenario::with_destination(Mode::Poll, Broker::Rabbitmq, |d| {
+        format!(
+            "[rabbitmq]\nexchange = \"{d}\"\nrouting_key = \"{{tenant}}.{{event_type}}\"\n\
+             [delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"200ms\"\n"
+        )
+    })
     .await;
-    let mut s = s;
-    s.extra_toml.push_str(&format!(
-        "exchange = \"{}\"\n[delivery]\nbackoff_initial = \"100ms\"\nbackoff_max = \"200ms\"\n",
-        s.destination
-    ));
     s.migrate();
     let client = s.db.client().await;
     client
@@ -322,12 +318,10 @@ async fn insert_payload(
 }
 
 async fn templates_name_any_column(mode: Mode) {
-    let s = Scenario::of(mode, Broker::Kafka, "").await;
-    let mut s = s;
-    s.extra_toml = format!(
-        "[kafka]\ntopic = \"{}.{{tenant}}\"\nkey = \"{{tenant}}/{{aggregate_id}}\"\ncreate_topics = true\nmessage_timeout = \"10s\"\n",
-        s.destination
-    );
+    let s = Scenario::with_destination(mode, Broker::Kafka, |d| {
+        format!("[kafka]\ntopic = \"{}.{{tenant}}\"\nkey = \"{{tenant}}/{{aggregate_id}}\"\ncreate_topics = true\nmessage_timeout = \"10s\"\n", d)
+    })
+    .await;
     s.migrate();
     let client = s.db.client().await;
     client
@@ -367,12 +361,10 @@ async fn templates_name_any_column(mode: Mode) {
 }
 
 async fn rabbitmq_partitions(mode: Mode) {
-    let s = Scenario::of(mode, Broker::Rabbitmq, "").await;
-    let mut s = s;
-    s.extra_toml = format!(
-        "[rabbitmq]\nexchange = \"{}\"\nrouting_key = \"{{aggregate_type}}.{{partition}}\"\npartitions = 4\n",
-        s.destination
-    );
+    let s = Scenario::with_destination(mode, Broker::Rabbitmq, |d| {
+        format!("[rabbitmq]\nexchange = \"{}\"\nrouting_key = \"{{aggregate_type}}.{{partition}}\"\npartitions = 4\n", d)
+    })
+    .await;
     s.migrate();
     let mut readers = Vec::new();
     for p in 0..4 {
@@ -422,12 +414,10 @@ async fn rabbitmq_partitions(mode: Mode) {
 }
 
 async fn kafka_tombstones(mode: Mode) {
-    let s = Scenario::of(mode, Broker::Kafka, "").await;
-    let mut s = s;
-    s.extra_toml = format!(
-        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = true\ntombstone_on_null_payload = true\nmessage_timeout = \"10s\"\n",
-        s.destination
-    );
+    let s = Scenario::with_destination(mode, Broker::Kafka, |d| {
+        format!("[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = true\ntombstone_on_null_payload = true\nmessage_timeout = \"10s\"\n", d)
+    })
+    .await;
     s.migrate();
     let client = s.db.client().await;
     client

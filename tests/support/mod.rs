@@ -195,6 +195,18 @@ impl Scenario {
         }
     }
 
+    /// A scenario whose extra TOML is built from its unique destination name (a topic prefix
+    /// or an exchange), for sections that replace the generated `[kafka]` or `[rabbitmq]`.
+    pub async fn with_destination(
+        mode: Mode,
+        broker: Broker,
+        toml: impl Fn(&str) -> String,
+    ) -> Self {
+        let mut s = Self::of(mode, broker, "").await;
+        s.extra_toml = toml(&s.destination);
+        s
+    }
+
     pub fn topic(&self, aggregate_type: &str) -> String {
         format!("{}.{aggregate_type}", self.destination)
     }
