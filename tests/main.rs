@@ -11,6 +11,7 @@ mod bad_input;
 mod chaos;
 mod config_errors;
 mod delivery;
+mod failover;
 mod faults;
 mod formats;
 mod observability;

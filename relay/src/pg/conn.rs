@@ -23,6 +23,52 @@ pub struct PgConn {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Of the `(host, port)` pairs a URL names, the one `client` is connected to: with several
+/// hosts and `target_session_attrs=read-write`, the primary among them, which the replication
+/// connection must stream from. Asks the server for its address and port
+/// (`inet_server_addr()`) and matches them against the hosts, resolving names.
+pub async fn connected_host(
+    client: &Client,
+    hosts: &[(String, u16)],
+) -> Result<(String, u16), Error> {
+    if let [only] = hosts {
+        return Ok(only.clone());
+    }
+    let row = client
+        .query_one("SELECT host(inet_server_addr()), inet_server_port()", &[])
+        .await
+        .map_err(|e| Error::pg("cannot ask the server for its address", e))?;
+    let (addr, port): (Option<String>, Option<i32>) = (row.get(0), row.get(1));
+    let (Some(addr), Some(port)) = (addr, port) else {
+        return Err(Error::Setup(
+            "DATABASE_URL names several hosts, but the connection is over a Unix socket: name TCP hosts".into(),
+        ));
+    };
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| {
+        Error::Setup(format!(
+            "the server reports an address `{addr}` that is not an IP"
+        ))
+    })?;
+    for (host, host_port) in hosts {
+        if i32::from(*host_port) != port {
+            continue;
+        }
+        let matches = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip == addr,
+            Err(_) => tokio::net::lookup_host((host.as_str(), *host_port))
+                .await
+                .map(|mut addrs| addrs.any(|a| a.ip() == addr))
+                .unwrap_or(false),
+        };
+        if matches {
+            return Ok((host.clone(), *host_port));
+        }
+    }
+    Err(Error::Setup(format!(
+        "connected to the primary at {addr}:{port}, which is none of the hosts DATABASE_URL names; name the servers as the relay reaches them"
+    )))
+}
+
 impl PgConn {
     /// Connects with a 10 s connect timeout unless the URL sets one.
     pub async fn connect(url: &Secret) -> Result<Self, Error> {

@@ -5,4 +5,4 @@ mod conn;
 pub mod slot;
 pub mod tls;
 
-pub use conn::PgConn;
+pub use conn::{PgConn, connected_host};

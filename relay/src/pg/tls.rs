@@ -102,6 +102,14 @@ impl PgTarget {
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+        if config.get_hosts().len() > 1
+            && config.get_target_session_attrs()
+                != tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        {
+            return Err(bad(
+                "it names several hosts without target_session_attrs=read-write: the relay writes (bookkeeping, slot), so add ?target_session_attrs=read-write to connect to the primary among them".into(),
+            ));
+        }
         config.ssl_mode(match ssl {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -112,6 +120,25 @@ impl PgTarget {
             ssl,
             root_cert,
         })
+    }
+
+    /// The configured `(host, port)` pairs, in order (libpq: one port for all hosts, or one
+    /// per host; 5432 when none).
+    pub fn hosts(&self) -> Vec<(String, u16)> {
+        let ports = self.config.get_ports();
+        self.config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                (host, port)
+            })
+            .collect()
     }
 
     /// The TLS connector for tokio-postgres: no verification for `prefer`/`require` (libpq's
@@ -239,6 +266,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_hosts_need_read_write_and_keep_their_ports() {
+        let t = PgTarget::parse(&Secret::new(
+            "postgresql://u:pw@h1:5617,h2:5627/app?target_session_attrs=read-write",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.hosts(),
+            [("h1".to_string(), 5617), ("h2".to_string(), 5627)]
+        );
+        let one_port = PgTarget::parse(&Secret::new(
+            "host=a,b port=6000 dbname=app target_session_attrs=read-write",
+        ))
+        .unwrap();
+        assert_eq!(
+            one_port.hosts(),
+            [("a".to_string(), 6000), ("b".to_string(), 6000)]
+        );
+        let err = PgTarget::parse(&Secret::new("postgresql://u:pw@h1:5617,h2:5627/app"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target_session_attrs=read-write"), "{err}");
+        assert!(!err.contains("pw@"), "{err}");
+    }
 
     #[test]
     fn takes_libpq_tls_settings_out_of_the_url() {

@@ -144,20 +144,20 @@ fn pg_epoch_micros_to_unix_ms(micros: i64) -> i64 {
 }
 
 impl WalSource {
-    fn replication_config(&self, start: Lsn) -> Result<ReplicationConfig, Error> {
+    /// Streams from the server the query connection reached: with several hosts in
+    /// `DATABASE_URL` (and `target_session_attrs=read-write`), the current primary.
+    async fn replication_config(&self, start: Lsn) -> Result<ReplicationConfig, Error> {
         let target = PgTarget::parse(&self.config.database_url)?;
         let pg = &target.config;
-        if pg.get_hosts().len() > 1 {
-            return Err(Error::Config(
-                "DATABASE_URL names several hosts; log tailing streams from one server: name the primary only".into(),
-            ));
-        }
-        let host = match pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
+        let hosts = target.hosts();
+        let (host, port) = if hosts.is_empty() {
+            ("localhost".to_string(), 5432)
+        } else {
+            crate::pg::connected_host(&self.conn.client, &hosts).await?
         };
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        if hosts.len() > 1 {
+            info!(host = %host, port, "streaming from the primary among DATABASE_URL's hosts");
+        }
         let password = pg
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
@@ -451,7 +451,7 @@ impl Source for WalSource {
             }
             _ => slot_start,
         };
-        let repl = ReplicationClient::connect(self.replication_config(start)?)
+        let repl = ReplicationClient::connect(self.replication_config(start).await?)
             .await
             .map_err(replication_error)?;
         info!(slot = %self.slot, publication = %self.publication, start = %start, "streaming the outbox from the WAL");
