@@ -244,6 +244,9 @@ pub struct WalConfig {
     /// `/readyz`); `0s` turns the check off.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: std::time::Duration,
+    /// Create the slot as a failover slot on Postgres 17+ (synced to standbys that set
+    /// `sync_replication_slots = on`); older servers get an ordinary slot.
+    pub failover_slot: bool,
 }
 
 impl Default for WalConfig {
@@ -257,6 +260,7 @@ impl Default for WalConfig {
             slot_wait: std::time::Duration::from_secs(30),
             repair_margin: std::time::Duration::from_secs(300),
             stall_timeout: std::time::Duration::from_secs(20),
+            failover_slot: true,
         }
     }
 }

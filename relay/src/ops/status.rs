@@ -70,6 +70,8 @@ struct Slot {
     retained_wal_bytes: Option<i64>,
     lag_bytes: Option<i64>,
     wal_status: Option<String>,
+    /// Postgres 17+: a failover slot (synced to standbys with `sync_replication_slots`).
+    failover: Option<bool>,
     /// What the active relay found stalling its stream, and since when (its progress row).
     stall: Option<String>,
     stall_since: Option<String>,
@@ -209,8 +211,9 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
             .query_opt(
                 "SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \
                         (pg_current_wal_lsn() - restart_lsn)::bigint, \
-                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status, \
+                        (to_jsonb(s)->>'failover')::bool \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
                 &[&name],
             )
             .await
@@ -226,6 +229,7 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 retained_wal_bytes: r.get(4),
                 lag_bytes: r.get(5),
                 wal_status: r.get(6),
+                failover: r.get(7),
                 stall: None,
                 stall_since: None,
             },
@@ -239,6 +243,7 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 retained_wal_bytes: None,
                 lag_bytes: None,
                 wal_status: None,
+                failover: None,
                 stall: None,
                 stall_since: None,
             },
@@ -393,7 +398,7 @@ fn render(s: &Status) -> String {
             add(
                 "slot",
                 format!(
-                    "{} ({}{})",
+                    "{} ({}{}{})",
                     slot.name,
                     match slot.active_pid {
                         Some(pid) => format!("active, pid {pid}"),
@@ -402,7 +407,12 @@ fn render(s: &Status) -> String {
                     slot.wal_status
                         .as_deref()
                         .map(|w| format!(", wal_status {w}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    match slot.failover {
+                        Some(true) => ", failover slot",
+                        Some(false) => ", not a failover slot",
+                        None => "",
+                    }
                 ),
             );
             add(

@@ -169,7 +169,7 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
             applied.push(format!(
                 "left replication slot {slot} missing: it was streamed before, so `outbox-relay run` recreates it and first publishes the events of the gap from the table"
             ));
-        } else if slot::ensure_slot(client, &slot).await? {
+        } else if slot::ensure_slot(client, &slot, config.wal.failover_slot).await? {
             applied.push(format!("created replication slot {slot}"));
         }
     }

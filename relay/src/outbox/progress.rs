@@ -88,10 +88,16 @@ impl ProgressSql {
             backfill: format!(
                 "UPDATE {progress} SET backfill_from = $2::text::timestamptz, updated_at = now() WHERE slot_name = $1"
             ),
+            // An upsert: a relay that never confirmed anything has no row yet; the position
+            // written then is the one it streams from.
             stall: format!(
-                "UPDATE {progress} SET stall = $2, \
-                     stall_since = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(stall_since, now()) END \
-                 WHERE slot_name = $1"
+                "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time, system_identifier, stall, stall_since) \
+                 VALUES ($1, $3::text::pg_lsn, to_timestamp($4::float8 / 1000), \
+                     (SELECT system_identifier::text FROM pg_control_system()), $2, \
+                     CASE WHEN $2::text IS NULL THEN NULL ELSE now() END) \
+                 ON CONFLICT (slot_name) DO UPDATE SET stall = EXCLUDED.stall, \
+                     stall_since = CASE WHEN EXCLUDED.stall IS NULL THEN NULL \
+                         ELSE coalesce({progress}.stall_since, now()) END"
             ),
         }
     }
@@ -140,9 +146,13 @@ impl Outbox {
         client: &Client,
         slot: &str,
         stall: Option<&str>,
+        (lsn, commit_time_ms): (Lsn, i64),
     ) -> Result<(), Error> {
         client
-            .execute(&self.progress.stall, &[&slot, &stall])
+            .execute(
+                &self.progress.stall,
+                &[&slot, &stall, &lsn.to_pg_string(), &(commit_time_ms as f64)],
+            )
             .await
             .map_err(|e| Error::pg("cannot record the stream's stall", e))?;
         Ok(())

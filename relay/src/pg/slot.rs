@@ -31,20 +31,37 @@ pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, Error> {
     Ok(slot_info(client, slot).await?.is_some())
 }
 
-/// Creates the pgoutput slot when missing; `true` if it was created.
-pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, Error> {
+/// Creates the pgoutput slot when missing; `true` if it was created. With `failover` on
+/// Postgres 17+ it is a failover slot (`wal.failover_slot`): standbys with
+/// `sync_replication_slots = on` keep a synced copy, so after a promotion streaming continues
+/// from it instead of repairing a lost slot from the table.
+pub async fn ensure_slot(client: &Client, slot: &str, failover: bool) -> Result<bool, Error> {
     if slot_exists(client, slot).await? {
         return Ok(false);
     }
+    let failover = failover && server_version_num(client).await? >= 170_000;
+    let sql = if failover {
+        // (name, plugin, temporary, two-phase, failover)
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
+        .execute(sql, &[&slot])
         .await
         .map_err(|e| Error::pg(format!("cannot create replication slot `{slot}`"), e))?;
-    info!(slot, "created logical replication slot");
+    info!(slot, failover, "created logical replication slot");
     Ok(true)
+}
+
+/// `server_version_num`, e.g. 150004 or 170002.
+pub async fn server_version_num(client: &Client) -> Result<i32, Error> {
+    let v: String = client
+        .query_one("SELECT current_setting('server_version_num')", &[])
+        .await
+        .map_err(|e| Error::pg("cannot read the server version", e))?
+        .get(0);
+    Ok(v.parse().unwrap_or(0))
 }
 
 /// Bytes between the server's WAL position and the slot's confirmed one, and the WAL the slot

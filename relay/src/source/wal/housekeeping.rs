@@ -75,7 +75,15 @@ impl WalSource {
                 .await?;
             if let Some(stall) = changed
                 && let Err(e) = (self.outbox)
-                    .set_stall(&self.conn.client, &self.slot, stall.as_deref())
+                    .set_stall(
+                        &self.conn.client,
+                        &self.slot,
+                        stall.as_deref(),
+                        (
+                            self.frontier.confirmed(),
+                            self.frontier.confirmed_commit_ms(),
+                        ),
+                    )
                     .await
             {
                 // An outbox migrated before the stall columns: the log and /readyz still say it.

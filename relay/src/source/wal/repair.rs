@@ -68,7 +68,7 @@ impl WalSource {
                     "replication slot `{slot}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or set wal.create_slot = true"
                 )));
             }
-            ensure_slot(client, &slot).await?;
+            ensure_slot(client, &slot, self.config.wal.failover_slot).await?;
             return Ok(());
         }
         let why = if lost {
@@ -109,7 +109,7 @@ impl WalSource {
                 .await
                 .map_err(|e| Error::pg(format!("cannot drop the invalidated slot `{slot}`"), e))?;
         }
-        ensure_slot(client, &slot).await?;
+        ensure_slot(client, &slot, self.config.wal.failover_slot).await?;
         warn!(
             slot,
             %from,
