@@ -406,7 +406,12 @@ impl DeadLetter {
                     (Arc::from(k.as_str()), v)
                 })
                 .collect(),
-            Err(_) => vec![],
+            // Not written by the relay (edited by hand): say so; a template naming one of its
+            // columns then fails the event with "column … is NULL", never silently.
+            Err(e) => {
+                tracing::warn!(event_id = %self.event_id, error = %e, "the dead letter's `columns` is not a JSON object; its template columns are taken as NULL");
+                vec![]
+            }
         }
     }
 }
