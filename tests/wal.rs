@@ -547,6 +547,36 @@ async fn a_dropped_slot_is_recreated_and_its_gap_published_from_the_table() {
     lost_slot_is_repaired(false).await;
 }
 
+/// A slot lost before the relay confirmed anything from it (a failover moments after the
+/// first start, before the standby had any progress of ours) is repaired like any lost slot:
+/// the slot's creation left a progress row, so the events committed since are published from
+/// the table. Without that row the new primary would look like a first run, and they would be
+/// skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_lost_before_its_first_confirmation_is_repaired_from_the_table() {
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let written = write_numbered(&s.db, "A", 0, 20).await;
+    s.db.client()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+        .await
+        .unwrap();
+    let relay = s.start_relay();
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    let t = tally(&written, &got);
+    assert!(t.missing == 0, "{t:?}; relay log:\n{}", relay.logs());
+    t.assert_complete_and_ordered();
+    assert!(
+        relay
+            .logs()
+            .contains("publishing the outbox rows created since then"),
+        "{}",
+        relay.logs()
+    );
+}
+
 /// A progress row that another cluster wrote (the database was copied with its tables, the
 /// slot made anew) holds an LSN that means nothing here: the relay must not start from it,
 /// even when it lies within this cluster's WAL. And `migrate` must not recreate a slot that
@@ -560,7 +590,9 @@ async fn a_progress_row_from_another_cluster_is_ignored_and_migrate_leaves_a_los
     client
         .execute(
             "INSERT INTO outbox_relay_progress (slot_name, confirmed_lsn, commit_time, system_identifier) \
-             VALUES ($1, pg_current_wal_lsn() + 16384, now(), '42')",
+             VALUES ($1, pg_current_wal_lsn() + 16384, now(), '42') \
+             ON CONFLICT (slot_name) DO UPDATE SET confirmed_lsn = EXCLUDED.confirmed_lsn, \
+                 system_identifier = EXCLUDED.system_identifier",
             &[&s.slot],
         )
         .await

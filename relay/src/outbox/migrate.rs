@@ -170,6 +170,7 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
                 "left replication slot {slot} missing: it was streamed before, so `outbox-relay run` recreates it and first publishes the events of the gap from the table"
             ));
         } else if slot::ensure_slot(client, &slot, config.wal.failover_slot).await? {
+            super::progress::record_new_slot(client, &table, &slot).await?;
             applied.push(format!("created replication slot {slot}"));
         }
     }

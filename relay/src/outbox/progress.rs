@@ -103,7 +103,43 @@ impl ProgressSql {
     }
 }
 
+/// Records a slot just created: its starting point, and the server's time as the commit time a
+/// repair would start from. Without the row, a slot lost before its first confirmation (a
+/// failover moments after the start) would look like a first run on the new primary, and the
+/// events of the gap would be skipped. The row comes before any event in the WAL, so a standby
+/// that has an event streamed from this slot has the row too. Never overwrites a row.
+fn created_sql(progress: &QualifiedName) -> String {
+    format!(
+        "INSERT INTO {progress} (slot_name, confirmed_lsn, commit_time, system_identifier) \
+         SELECT slot_name::text, coalesce(confirmed_flush_lsn, pg_current_wal_lsn()), now(), \
+             (SELECT system_identifier::text FROM pg_control_system()) \
+         FROM pg_replication_slots WHERE slot_name = $1::text::name \
+         ON CONFLICT (slot_name) DO NOTHING"
+    )
+}
+
+/// Runs [`created_sql`]; `migrate` creates the slot before any `Outbox` exists.
+pub(crate) async fn record_new_slot(
+    client: &Client,
+    outbox_table: &QualifiedName,
+    slot: &str,
+) -> Result<(), Error> {
+    client
+        .execute(
+            &created_sql(&outbox_table.sibling("_relay_progress")),
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::pg("cannot record the new replication slot's position", e))?;
+    Ok(())
+}
+
 impl Outbox {
+    /// Records the position of the slot `slot`, just created (see [`created_sql`]).
+    pub async fn record_new_slot(&self, client: &Client, slot: &str) -> Result<(), Error> {
+        record_new_slot(client, &self.table, slot).await
+    }
+
     /// Wal mode's saved position of `slot`.
     pub async fn load_progress(
         &self,

@@ -68,7 +68,9 @@ impl WalSource {
                     "replication slot `{slot}` does not exist; run `outbox-relay migrate` with RELAY_SOURCE=wal, or set wal.create_slot = true"
                 )));
             }
-            ensure_slot(client, &slot, self.config.wal.failover_slot).await?;
+            if ensure_slot(client, &slot, self.config.wal.failover_slot).await? {
+                self.outbox.record_new_slot(client, &slot).await?;
+            }
             return Ok(());
         }
         let why = if lost {
