@@ -9,6 +9,7 @@ mod support;
 
 mod bad_input;
 mod chaos;
+mod cluster;
 mod config_errors;
 mod delivery;
 mod failover;

@@ -199,10 +199,11 @@ async fn dead_letter_lifecycle(mode: Mode) {
     let status = json(&s.command(&["status", "--json"]));
     eprintln!("{status:#}");
     assert_eq!(status["held_aggregates"], 1, "{status}");
-    assert_eq!(
-        status["active_instance"]["application_name"], "outbox-relay",
-        "{status}"
-    );
+    // The leader session names the relay, and the RabbitMQ node its sink uses.
+    let name = status["active_instance"]["application_name"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(name.starts_with("outbox-relay"), "{status}");
     match mode {
         Mode::Poll => {
             assert_eq!(status["dead_letters"], 1, "{status}");

@@ -20,7 +20,7 @@ async fn relay_connections_ssl(db: &TestDb) -> Vec<bool> {
         .await
         .query(
             "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-             WHERE a.application_name = 'outbox-relay' AND a.datname = current_database()",
+             WHERE a.application_name LIKE 'outbox-relay%' AND a.datname = current_database()",
             &[],
         )
         .await

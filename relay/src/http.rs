@@ -118,6 +118,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "active": active,
         "role": if active { "active" } else { "standby" },
         "stall": crate::metrics::wal_stall(),
+        "broker_node": crate::metrics::broker_node(),
     });
     let status = if ready {
         StatusCode::OK

@@ -45,6 +45,21 @@ pub fn wal_stall() -> Option<String> {
     WAL_STALL.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The broker node the sink is connected to (RabbitMQ: the URL of `RELAY_AMQP_URL`'s list in
+/// use, redacted), for `/readyz` and `status`.
+static BROKER_NODE: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+pub fn set_broker_node(node: Option<String>) {
+    *BROKER_NODE.write().unwrap_or_else(|e| e.into_inner()) = node;
+}
+
+pub fn broker_node() -> Option<String> {
+    BROKER_NODE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// Installs the global recorder; call once, before anything records.
 pub fn install() -> Result<PrometheusHandle, Error> {
     let handle = PrometheusBuilder::new()

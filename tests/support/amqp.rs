@@ -19,25 +19,32 @@ pub struct Reader {
     pub exchange: String,
     pub queue: String,
     binding: String,
+    url: String,
+    /// A quorum queue (replicated over a cluster's nodes) rather than a classic one.
+    quorum: bool,
     link: Option<(Connection, Channel, Consumer)>,
     seen: Vec<Received>,
 }
 
-async fn open(
-    exchange: &str,
-    queue: &str,
-    binding: &str,
-) -> lapin::Result<(Connection, Channel, Consumer)> {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+async fn open(r: &Reader) -> lapin::Result<(Connection, Channel, Consumer)> {
+    let (exchange, queue, binding) = (&r.exchange, &r.queue, &r.binding);
+    let conn = Connection::connect(&r.url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     declare_exchange(&ch, exchange).await?;
+    let mut args = FieldTable::default();
+    if r.quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     ch.queue_declare(
         queue,
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        args,
     )
     .await?;
     ch.queue_bind(
@@ -83,17 +90,29 @@ fn text(v: &AMQPValue) -> String {
 
 impl Reader {
     pub async fn bind(exchange: &str, binding: &str) -> Self {
-        let queue = super::unique("q");
-        let link = open(exchange, &queue, binding)
+        Self::bind_on(AMQP_URL, exchange, binding, false)
             .await
-            .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
-        Self {
+            .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services")
+    }
+
+    /// A reader on the node at `url`, its queue a quorum queue when `quorum`.
+    pub async fn bind_on(
+        url: &str,
+        exchange: &str,
+        binding: &str,
+        quorum: bool,
+    ) -> lapin::Result<Self> {
+        let mut r = Self {
             exchange: exchange.into(),
-            queue,
+            queue: super::unique("q"),
             binding: binding.into(),
-            link: Some(link),
+            url: url.into(),
+            quorum,
+            link: None,
             seen: vec![],
-        }
+        };
+        r.link = Some(open(&r).await?);
+        Ok(r)
     }
 
     pub async fn read_until(&mut self, want: &HashSet<&str>, timeout: Duration) -> Vec<Received> {
@@ -104,7 +123,7 @@ impl Reader {
                 return self.seen.clone();
             }
             let Some((_, _, consumer)) = self.link.as_mut() else {
-                match open(&self.exchange, &self.queue, &self.binding).await {
+                match open(self).await {
                     Ok(link) => self.link = Some(link),
                     Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                 }

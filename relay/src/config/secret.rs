@@ -22,10 +22,47 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-    /// The URL with any password replaced by `***`, for messages.
+    /// The URL with any password replaced by `***`, for messages; each URL of a
+    /// comma-separated list on its own.
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        split_url_list(&self.0)
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
+
+    /// The URLs of a comma-separated list (`RELAY_AMQP_URL` naming several nodes), each a
+    /// `Secret` of its own; a value without a list is one URL.
+    pub fn split(&self) -> Vec<Secret> {
+        split_url_list(&self.0)
+            .into_iter()
+            .map(|u| Secret::new(u.trim()))
+            .collect()
+    }
+}
+
+/// Splits `a://…,b://…` at the commas that start another URL. A comma elsewhere stays: in a
+/// password, or between the hosts of a libpq multi-host URL (`postgres://h1:5432,h2:5432/db`),
+/// where the piece after it names no scheme.
+fn split_url_list(value: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.match_indices(',') {
+        let next = value[i + 1..].trim_start();
+        let scheme = next.split("://").next().unwrap_or_default();
+        if next.contains("://")
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            urls.push(&value[start..i]);
+            start = i + 1;
+        }
+    }
+    urls.push(&value[start..]);
+    urls
 }
 
 impl fmt::Debug for Secret {
@@ -87,6 +124,36 @@ mod tests {
         assert_eq!(
             redact_url("host=db password=hunter2 user=x"),
             "host=db password=*** user=x"
+        );
+    }
+
+    #[test]
+    fn a_list_of_urls_is_split_at_the_commas_that_start_a_url() {
+        let list = Secret::new(
+            "amqp://guest:a,b@127.0.0.1:5701/%2f, amqp://guest:c@127.0.0.1:5702/%2f,amqps://h3",
+        );
+        let parts: Vec<String> = list
+            .split()
+            .iter()
+            .map(|s| s.expose().to_string())
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "amqp://guest:a,b@127.0.0.1:5701/%2f",
+                "amqp://guest:c@127.0.0.1:5702/%2f",
+                "amqps://h3"
+            ]
+        );
+        assert_eq!(
+            list.redacted(),
+            "amqp://guest:***@127.0.0.1:5701/%2f, amqp://guest:***@127.0.0.1:5702/%2f,amqps://h3"
+        );
+        let pg = Secret::new("postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write");
+        assert_eq!(pg.split().len(), 1);
+        assert_eq!(
+            pg.redacted(),
+            "postgres://u:***@h1:5432,h2:5433/db?target_session_attrs=read-write"
         );
     }
 

@@ -223,6 +223,7 @@ async fn pump<S: Source, K: Sink>(
         aggregates: Aggregates::new(&config.delivery),
         flights: FuturesOrdered::new(),
         paused_until: None,
+        shown_node: None,
     };
     let result = engine
         .drive(source, sink, shutdown, &leadership, backoff)
@@ -238,6 +239,8 @@ struct Engine<'a> {
     /// The broker was unavailable: send nothing until this instant and until nothing is in
     /// flight.
     paused_until: Option<Instant>,
+    /// The broker node last shown to `status` (see `Source::show_broker_node`).
+    shown_node: Option<String>,
 }
 
 impl Engine<'_> {
@@ -251,6 +254,11 @@ impl Engine<'_> {
     ) -> Result<(), Error> {
         let max_in_flight = self.config.delivery.max_in_flight.max(1);
         loop {
+            let node = crate::metrics::broker_node();
+            if node != self.shown_node {
+                source.show_broker_node(node.as_deref()).await?;
+                self.shown_node = node;
+            }
             let now = Instant::now();
             if self.aggregates.unblock_due(now) > 0 {
                 crate::metrics::set_retrying_aggregates(self.aggregates.blocked_count());

@@ -55,6 +55,8 @@ struct Status {
 struct Instance {
     pid: i32,
     application_name: String,
+    /// The RabbitMQ node its sink is connected to (`host:port`), from its `application_name`.
+    broker_node: Option<String>,
     client_addr: Option<String>,
     since: Option<String>,
 }
@@ -121,6 +123,9 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
         active_instance: t.active_instance().await?.map(
             |(pid, application_name, client_addr, since)| Instance {
                 pid,
+                broker_node: application_name
+                    .split_once(" rabbitmq=")
+                    .map(|(_, node)| node.to_string()),
                 application_name,
                 client_addr,
                 since: since.map(format_ms),
@@ -323,23 +328,29 @@ fn render(s: &Status) -> String {
     add(
         "active instance",
         match &s.active_instance {
-            Some(i) => format!(
-                "pid {} ({}{}{})",
-                i.pid,
-                if i.application_name.is_empty() {
-                    "?"
-                } else {
-                    &i.application_name
-                },
-                i.client_addr
+            Some(i) => {
+                format!(
+                    "pid {} ({}{}{})",
+                    i.pid,
+                    if i.application_name.is_empty() {
+                        "?"
+                    } else {
+                        &i.application_name
+                    },
+                    i.client_addr
+                        .as_deref()
+                        .map(|a| format!(" from {a}"))
+                        .unwrap_or_default(),
+                    i.since
+                        .as_deref()
+                        .map(|t| format!(", since {t}"))
+                        .unwrap_or_default()
+                ) + &i
+                    .broker_node
                     .as_deref()
-                    .map(|a| format!(" from {a}"))
-                    .unwrap_or_default(),
-                i.since
-                    .as_deref()
-                    .map(|t| format!(", since {t}"))
+                    .map(|n| format!(", RabbitMQ node {n}"))
                     .unwrap_or_default()
-            ),
+            }
             None => "none: no relay holds the leader lock".into(),
         },
     );

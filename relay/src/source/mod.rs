@@ -36,6 +36,24 @@ pub trait Blocked: Sync {
     fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
 }
 
+/// The leader session's `application_name`: `outbox-relay`, plus `rabbitmq=<node>` while the
+/// sink is connected to a node of a list; `status` reads it from `pg_stat_activity`.
+pub(crate) async fn show_broker_node(conn: &PgConn, node: Option<&str>) -> Result<(), Error> {
+    let mut name = match node {
+        Some(n) => format!("outbox-relay rabbitmq={n}"),
+        None => "outbox-relay".into(),
+    };
+    // Postgres keeps 63 bytes of it.
+    while name.len() > 63 {
+        name.pop();
+    }
+    conn.client
+        .execute("SELECT set_config('application_name', $1, false)", &[&name])
+        .await
+        .map_err(|e| Error::pg("cannot set application_name", e))?;
+    Ok(())
+}
+
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
 /// `Ok(false)` when shut down first; an error when the connection is lost.
 pub(crate) async fn wait_for_lock(
@@ -97,6 +115,15 @@ pub trait Source: Send + Sized {
         _blocked: &dyn Blocked,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, Error>> + Send {
         async { Ok(Vec::new()) }
+    }
+
+    /// The sink now talks to broker node `node` (`None`: to none, or the broker does not say):
+    /// shown to `status` through the leader session's `application_name`.
+    fn show_broker_node(
+        &mut self,
+        _node: Option<&str>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        async { Ok(()) }
     }
 
     /// The broker confirmed these events.

@@ -154,6 +154,10 @@ impl Source for PollSource {
         }
     }
 
+    async fn show_broker_node(&mut self, node: Option<&str>) -> Result<(), Error> {
+        super::show_broker_node(&self.conn, node).await
+    }
+
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
         if events.is_empty() {
             return Ok(());

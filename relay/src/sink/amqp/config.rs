@@ -21,7 +21,8 @@ use crate::template::{Placeholder, Template};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RabbitmqConfig {
-    /// `RELAY_AMQP_URL`.
+    /// `RELAY_AMQP_URL`: one URL, or a comma-separated list of a cluster's nodes, tried in
+    /// order (see [`RabbitmqConfig::urls`]).
     pub url: Secret,
     /// The exchange every message is published to.
     pub exchange: String,
@@ -61,12 +62,14 @@ impl RabbitmqConfig {
     /// and what to do, and never the password.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::Config(msg));
-        let url = self.url.expose();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return bad(format!(
-                "RELAY_AMQP_URL `{}` must start with amqp:// or amqps://",
-                self.url.redacted()
-            ));
+        for url in self.urls() {
+            let u = url.expose();
+            if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+                return bad(format!(
+                    "RELAY_AMQP_URL `{}` must start with amqp:// or amqps:// (several nodes: a comma-separated list of such URLs)",
+                    url.redacted()
+                ));
+            }
         }
         if self.exchange.is_empty() {
             return bad(
@@ -82,6 +85,12 @@ impl RabbitmqConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The nodes of `url`, in the order the relay tries them: it connects to the first that
+    /// answers and, when that node goes away, to the next.
+    pub fn urls(&self) -> Vec<Secret> {
+        self.url.split()
     }
 
     /// The routing key template; `Err` names the setting.
@@ -129,6 +138,18 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("RELAY_AMQP_URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn every_node_of_a_list_is_checked() {
+        let c = RabbitmqConfig {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5701/,http://guest:hunter2@h:5702/"),
+            ..RabbitmqConfig::default()
+        };
+        assert_eq!(c.urls().len(), 2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`http://guest:***@h:5702/`"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }
 

@@ -7,6 +7,11 @@
 //! neither is ever counted as a success. A lost connection fails the unconfirmed messages,
 //! which the pipeline publishes again after the next `publish` has reconnected.
 //!
+//! `RELAY_AMQP_URL` may name several nodes of a cluster. The sink connects to the first that
+//! answers; when the connection to a node breaks it tries the next one first (a node that
+//! went away for a rolling restart usually refuses for a while), wrapping around the list.
+//! The node in use is logged, shown in `/readyz` and, through the engine, in `status`.
+//!
 //! Everything the relay knows about RabbitMQ lives in this folder: the `[rabbitmq]` settings
 //! and their validation ([`config`]), the `/readyz` check ([`probe`]) and where `replay` may
 //! send instead ([`destination`]).
@@ -27,6 +32,7 @@ use tracing::{info, warn};
 
 use self::config::RabbitmqConfig;
 use super::{Confirmations, InFlight, Sink};
+use crate::config::secret::Secret;
 use crate::error::{Error, PublishError};
 use crate::event::OutboxEvent;
 use crate::message::{Encoder, Wire};
@@ -40,6 +46,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// nothing is in flight on them.
 pub struct AmqpSink {
     config: RabbitmqConfig,
+    /// The nodes of `RELAY_AMQP_URL`, and the index of the one in use (or to try first).
+    nodes: Vec<Secret>,
+    node: usize,
     routing_key: Template,
     encoder: Encoder,
     link: Option<(Connection, Channel)>,
@@ -53,6 +62,8 @@ impl AmqpSink {
     pub async fn connect(config: &RabbitmqConfig, encoder: Encoder) -> Result<Self, Error> {
         let mut sink = Self {
             config: config.clone(),
+            nodes: config.urls(),
+            node: 0,
             routing_key: config.routing_key_template()?,
             encoder,
             link: None,
@@ -78,27 +89,30 @@ impl AmqpSink {
             )));
         }
         if self.link.take().is_some() {
-            warn!("AMQP connection or channel closed; reconnecting");
+            warn!(node = %self.nodes[self.node].redacted(), "AMQP connection or channel closed; reconnecting");
+            crate::metrics::set_broker_node(None);
+            // Its node went away: the next one is tried first.
+            self.node = (self.node + 1) % self.nodes.len();
         }
         self.in_flight = Arc::default();
-        let url = &self.config.url;
-        let connection = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Connection::connect(url.expose(), ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| {
-            Error::Broker(format!(
-                "cannot reach RabbitMQ at {}: connect timed out",
-                url.redacted()
-            ))
-        })?
-        .map_err(|e| {
-            Error::Broker(format!(
-                "cannot connect to RabbitMQ at {}: {e}; check RELAY_AMQP_URL (host, credentials, vhost)",
-                url.redacted()
-            ))
-        })?;
+        let mut refused = Vec::new();
+        let mut connected = None;
+        for i in failover_order(self.node, self.nodes.len()) {
+            match connect_node(&self.nodes[i]).await {
+                Ok(c) => {
+                    connected = Some((i, c));
+                    break;
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+        let Some((node, connection)) = connected else {
+            return Err(Error::Broker(format!(
+                "{}; check RELAY_AMQP_URL (host, credentials, vhost)",
+                refused.join("; ")
+            )));
+        };
+        self.node = node;
         let channel = connection
             .create_channel()
             .await
@@ -136,10 +150,44 @@ impl AmqpSink {
                     ))
                 }
             })?;
-        info!(exchange, "connected to RabbitMQ");
+        let url = &self.nodes[node];
+        info!(exchange, node = %url.redacted(), "connected to RabbitMQ");
+        crate::metrics::set_broker_node(Some(node_label(url)));
         self.link = Some((connection, channel));
         Ok(&self.link.as_ref().expect("just set").1)
     }
+}
+
+/// `host:port` of an AMQP URL, naming the node in `/readyz` and `status`.
+fn node_label(url: &Secret) -> String {
+    let u = url.expose();
+    let rest = u.split_once("://").map_or(u, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, h)| h)
+        .to_string()
+}
+
+/// The indexes of `n` nodes starting at `first`, wrapping around.
+fn failover_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (first + k) % n)
+}
+
+/// A connection to one node; `Err` says which node and why, without the password.
+async fn connect_node(url: &Secret) -> Result<Connection, String> {
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(url.expose(), ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "cannot reach RabbitMQ at {}: connect timed out",
+            url.redacted()
+        )
+    })?
+    .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", url.redacted()))
 }
 
 /// AMQP short strings (routing key, message id, type, header names) hold at most 255 bytes,
@@ -361,4 +409,29 @@ fn is_not_found(e: &lapin::Error) -> bool {
         lapin::Error::ProtocolError(amqp)
             if *amqp.kind() == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Secret, failover_order, node_label};
+
+    #[test]
+    fn a_node_is_named_by_its_host_and_port_only() {
+        let label = |u: &str| node_label(&Secret::new(u));
+        assert_eq!(
+            label("amqp://guest:p@ss@127.0.0.1:5702/%2f"),
+            "127.0.0.1:5702"
+        );
+        assert_eq!(
+            label("amqps://rabbit-1.example:5671"),
+            "rabbit-1.example:5671"
+        );
+        assert_eq!(label("amqp://h?heartbeat=5"), "h");
+    }
+
+    #[test]
+    fn nodes_are_tried_from_the_one_in_use_around_the_list() {
+        assert_eq!(failover_order(1, 3).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(failover_order(0, 1).collect::<Vec<_>>(), [0]);
+    }
 }

@@ -12,7 +12,8 @@
 //! the same check, so a broker that is back is ready at once. A link that hangs without an
 //! error is bounded by the timeout, not by AMQP heartbeats
 //! (<https://www.rabbitmq.com/docs/heartbeats>), which take far longer to notice; such a check
-//! takes up to three timeouts (the round trip, a new connection, its round trip).
+//! takes up to three timeouts (the round trip, a new connection, its round trip), and one more
+//! per further node of a cluster whose nodes hang.
 
 use std::time::Duration;
 
@@ -34,7 +35,8 @@ struct Link {
 
 /// A round trip on a connection of the probe's own, reconnected only when broken.
 pub struct AmqpProbe {
-    url: Secret,
+    /// Every node of `RELAY_AMQP_URL`: the broker is up when one of them answers.
+    nodes: Vec<Secret>,
     link: Option<Link>,
 }
 
@@ -42,16 +44,29 @@ impl AmqpProbe {
     /// Does not connect yet: the first [`check`](Self::check) does.
     pub fn new(config: &RabbitmqConfig) -> Self {
         Self {
-            url: config.url.clone(),
+            nodes: config.urls(),
             link: None,
         }
     }
 
     /// `Ok` when the broker answered a round trip within the timeout.
     pub async fn check(&mut self) -> Result<(), String> {
-        let Self { url, link } = self;
-        check_reusing(link, async || connect(url).await, ping).await
+        let Self { nodes, link } = self;
+        check_reusing(link, async || connect_any(nodes).await, ping).await
     }
+}
+
+/// A link to the first node that answers within the timeout; `Err` names each node's error.
+async fn connect_any(nodes: &[Secret]) -> Result<Link, String> {
+    let mut errors = Vec::new();
+    for url in nodes {
+        match tokio::time::timeout(TIMEOUT, connect(url)).await {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(e)) => errors.push(format!("{}: {e}", url.redacted())),
+            Err(_) => errors.push(format!("{}: timed out", url.redacted())),
+        }
+    }
+    Err(errors.join("; "))
 }
 
 async fn connect(url: &Secret) -> Result<Link, String> {
@@ -88,9 +103,8 @@ async fn check_reusing<L>(
         }
         *slot = None;
     }
-    let link = tokio::time::timeout(TIMEOUT, connect())
-        .await
-        .map_err(|_| "timed out".to_string())??;
+    // `connect` bounds each of its attempts itself (one per node).
+    let link = connect().await?;
     tokio::time::timeout(TIMEOUT, ping(&link))
         .await
         .map_err(|_| "timed out".to_string())??;

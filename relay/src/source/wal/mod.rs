@@ -649,6 +649,10 @@ impl Source for WalSource {
         }
     }
 
+    async fn show_broker_node(&mut self, node: Option<&str>) -> Result<(), Error> {
+        super::show_broker_node(&self.conn, node).await
+    }
+
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
         let mut retried: Vec<&str> = Vec::new();
         for e in events {
