@@ -4,7 +4,9 @@
 //!
 //! Services (Postgres, RabbitMQ, tansu) are expected on their fixed local ports; `scripts/test`
 //! starts them with `scripts/services`. Postgres is 127.0.0.1:5432 unless `OUTBOX_TEST_PG_PORT`
-//! names another port (the version matrix of `scripts/test` runs on 5416, 5417 and 5418).
+//! names another port (the version matrix of `scripts/test` runs on 5416, 5417 and 5418). With
+//! `OUTBOX_TEST_PG_MAJOR` set too, every test database checks that the server is that major
+//! version, so a matrix run can never silently test another Postgres.
 
 #![allow(dead_code)]
 
@@ -104,8 +106,20 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> Self {
         let name = unique("relay_test");
-        connect(&pg_admin_url())
-            .await
+        let admin = connect(&pg_admin_url()).await;
+        if let Ok(major) = std::env::var("OUTBOX_TEST_PG_MAJOR") {
+            let version: String = admin
+                .query_one("SELECT current_setting('server_version_num')", &[])
+                .await
+                .expect("server_version_num")
+                .get(0);
+            assert!(
+                version.len() == 6 && version.starts_with(&major),
+                "OUTBOX_TEST_PG_MAJOR={major}, but Postgres on port {} is {version}",
+                pg_port()
+            );
+        }
+        admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
