@@ -162,10 +162,7 @@ async fn bad_configuration_gives_one_clear_message_and_a_non_zero_exit() {
             ..case("no database url", &["DATABASE_URL is not set"])
         },
         Case {
-            env: vec![(
-                "DATABASE_URL",
-                "postgres://postgres:s3cret@127.0.0.1:5432/no_such_db".into(),
-            )],
+            env: vec![("DATABASE_URL", pg_url("postgres:s3cret", "no_such_db"))],
             ..case(
                 "database missing",
                 &["cannot connect to Postgres", "no_such_db", "does not exist"],

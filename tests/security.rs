@@ -99,7 +99,7 @@ async fn secrets_never_appear_in_logs_errors_or_status() {
         ),
         (
             "DATABASE_URL",
-            format!("postgres://postgres:{SECRET}@127.0.0.1:5432/missing_db"),
+            pg_url(&format!("postgres:{SECRET}"), "missing_db"),
         ),
     ];
     for (var, value) in failing {
@@ -128,18 +128,8 @@ async fn least_privileged_role_runs_the_relay(mode: Mode) {
     s.migrate();
     let role = unique("relay_role");
     let sql = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/least-privilege.sql");
-    let status = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            &s.db.name,
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-q",
-        ])
+    let status = pg_client("psql")
+        .args(["-d", &s.db.name, "-v", "ON_ERROR_STOP=1", "-q"])
         .args([
             "-v",
             &format!("relay_role={role}"),
@@ -166,7 +156,7 @@ async fn least_privileged_role_runs_the_relay(mode: Mode) {
     assert!(status.success(), "docs/least-privilege.sql failed");
     s.extra_env = vec![(
         "DATABASE_URL".into(),
-        format!("postgres://{role}:pw@127.0.0.1:5432/{}", s.db.name),
+        pg_url(&format!("{role}:pw"), &s.db.name),
     )];
     let mut reader = s.reader(&["wallet"]).await;
     let relay = s.start_relay();

@@ -255,7 +255,7 @@ async fn wal_setup_errors_name_the_fix() {
         ))
         .await
         .unwrap();
-    let url = format!("postgres://{role}@127.0.0.1:5432/{}", s.db.name);
+    let url = pg_url(&role, &s.db.name);
     expect_error(
         &s,
         &[("DATABASE_URL", &url)],
@@ -290,12 +290,8 @@ async fn wal_setup_errors_name_the_fix() {
     s.migrate();
 
     // The slot held by another process.
-    let mut holder = Command::new("pg_recvlogical")
+    let mut holder = pg_client("pg_recvlogical")
         .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
             "-d",
             &s.db.name,
             "--slot",

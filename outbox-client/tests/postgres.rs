@@ -10,7 +10,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use uuid::Uuid;
 
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// The tests' Postgres port: `OUTBOX_TEST_PG_PORT`, else 5432 (as in the relay's e2e suite).
+fn pg_port() -> String {
+    std::env::var("OUTBOX_TEST_PG_PORT").unwrap_or_else(|_| "5432".into())
+}
+
+fn pg_url(database: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/{database}", pg_port())
+}
 
 /// A database of its own, dropped when the test ends.
 struct TestDb {
@@ -21,14 +28,14 @@ struct TestDb {
 impl TestDb {
     async fn create() -> Self {
         let name = format!("client_test_{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let mut admin = PgConnection::connect(ADMIN_URL)
-            .await
-            .expect("Postgres on 127.0.0.1:5432; run scripts/services");
+        let mut admin = PgConnection::connect(&pg_url("postgres")).await.expect(
+            "Postgres on 127.0.0.1 (OUTBOX_TEST_PG_PORT, default 5432); run scripts/services",
+        );
         sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
             .unwrap();
-        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        let url = pg_url(&name);
         let mut conn = PgConnection::connect(&url).await.unwrap();
         // The outbox table `outbox-relay migrate` creates (its default columns), twice.
         for table in ["outbox", "custom.events"] {
@@ -55,7 +62,8 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+            .args(["-h", "127.0.0.1", "-p", &pg_port(), "-U", "postgres"])
+            .args(["-d", "postgres", "-qc"])
             .arg(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name

@@ -16,7 +16,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::support::{
-    AMQP_URL, KAFKA_BROKERS, Proc, TestDb, free_addr, http, relay_bin, unique, wait_for,
+    AMQP_URL, KAFKA_BROKERS, Proc, TestDb, free_addr, http, psql, relay_bin, unique, wait_for,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,16 +50,8 @@ struct Slot(String);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-qAtc",
-            ])
+        let _ = psql()
+            .args(["-d", "postgres", "-qAtc"])
             .arg(format!(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
                  WHERE slot_name = '{}'",

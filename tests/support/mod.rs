@@ -3,7 +3,10 @@
 //! counts every event.
 //!
 //! Services (Postgres, RabbitMQ, tansu) are expected on their fixed local ports; `scripts/test`
-//! starts them with `scripts/services`.
+//! starts them with `scripts/services`. Postgres is 127.0.0.1:5432 unless `OUTBOX_TEST_PG_PORT`
+//! names another port (the version matrix of `scripts/test` runs on 5416, 5417 and 5418). With
+//! `OUTBOX_TEST_PG_MAJOR` set too, every test database checks that the server is that major
+//! version, so a matrix run can never silently test another Postgres.
 
 #![allow(dead_code)]
 
@@ -37,11 +40,46 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 pub const WRITER_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// The port of the tests' Postgres: `OUTBOX_TEST_PG_PORT`, else 5432 (Debian's 15). Every URL and
+/// `psql` call of the suite takes it from here, so the version matrix reaches the server it names.
+pub fn pg_port() -> u16 {
+    match std::env::var("OUTBOX_TEST_PG_PORT") {
+        Ok(port) => port
+            .parse()
+            .unwrap_or_else(|_| panic!("OUTBOX_TEST_PG_PORT={port:?} is not a port number")),
+        Err(_) => 5432,
+    }
+}
+
+/// `postgres://{user}@127.0.0.1:{pg_port()}/{database}`; `user` may carry `:password`.
+pub fn pg_url(user: &str, database: &str) -> String {
+    format!("postgres://{user}@127.0.0.1:{}/{database}", pg_port())
+}
+
+/// The superuser's connection to the maintenance database.
+pub fn pg_admin_url() -> String {
+    pg_url("postgres", "postgres")
+}
+
+/// `psql` (or another libpq client such as `pg_recvlogical`) as the superuser on the tests'
+/// Postgres; add `-d` and what to run.
+pub fn pg_client(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg_port().to_string(),
+        "-U",
+        "postgres",
+    ]);
+    cmd
+}
 
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
@@ -68,13 +106,25 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> Self {
         let name = unique("relay_test");
-        connect(PG_ADMIN_URL)
-            .await
+        let admin = connect(&pg_admin_url()).await;
+        if let Ok(major) = std::env::var("OUTBOX_TEST_PG_MAJOR") {
+            let version: String = admin
+                .query_one("SELECT current_setting('server_version_num')", &[])
+                .await
+                .expect("server_version_num")
+                .get(0);
+            assert!(
+                version.len() == 6 && version.starts_with(&major),
+                "OUTBOX_TEST_PG_MAJOR={major}, but Postgres on port {} is {version}",
+                pg_port()
+            );
+        }
+        admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
         Self {
-            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            url: pg_url("postgres", &name),
             name,
             slot: None,
             roles: vec![],
@@ -92,17 +142,8 @@ impl TestDb {
 }
 
 fn psql(sql: &str) -> bool {
-    Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-qc",
-            sql,
-        ])
+    pg_client("psql")
+        .args(["-d", "postgres", "-qc", sql])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -123,15 +164,10 @@ impl Drop for TestDb {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
         for role in &self.roles {
             psql(&format!("DROP ROLE IF EXISTS {role}"));
         }

@@ -10,7 +10,22 @@ use std::time::{Duration, Instant};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+/// The tests' Postgres port: `OUTBOX_TEST_PG_PORT`, else 5432 (as in the relay's e2e suite).
+pub fn pg_port() -> String {
+    std::env::var("OUTBOX_TEST_PG_PORT").unwrap_or_else(|_| "5432".into())
+}
+
+/// `postgres://postgres@127.0.0.1:{pg_port()}`, without a database.
+pub fn pg() -> String {
+    format!("postgres://postgres@127.0.0.1:{}", pg_port())
+}
+
+/// `psql` as the superuser on the tests' Postgres; add `-d` and what to run.
+pub fn psql() -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-h", "127.0.0.1", "-p", &pg_port(), "-U", "postgres"]);
+    cmd
+}
 pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -27,15 +42,17 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create(prefix: &str) -> Self {
         let name = unique(prefix);
-        let mut admin = PgConnection::connect(&format!("{PG}/postgres"))
+        let mut admin = PgConnection::connect(&format!("{}/postgres", pg()))
             .await
-            .expect("Postgres on 127.0.0.1:5432; run scripts/services");
+            .expect(
+                "Postgres on 127.0.0.1 (OUTBOX_TEST_PG_PORT, default 5432); run scripts/services",
+            );
         sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
             .unwrap();
         Self {
-            url: format!("{PG}/{name}"),
+            url: format!("{}/{name}", pg()),
             name,
         }
     }
@@ -55,8 +72,8 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc"])
+        let _ = psql()
+            .args(["-d", "postgres", "-qc"])
             .arg(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
