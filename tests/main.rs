@@ -14,6 +14,7 @@ mod delivery;
 mod failover;
 mod faults;
 mod formats;
+mod kafka_cluster;
 mod observability;
 mod ops;
 mod security;
