@@ -141,6 +141,17 @@ async fn producing_broker(relay: &Relay) -> (&'static str, u16, BTreeMap<u16, us
     }
 }
 
+/// What the relay's log says it went through: messages timed out in librdkafka, the producer
+/// replaced after the broker refused its identity.
+fn relay_saw(relay: &Relay) -> String {
+    let logs = relay.logs();
+    format!(
+        "relay: messages timed out {}, producer replaced {}",
+        logs.contains("MessageTimedOut"),
+        logs.contains("the Kafka producer cannot continue; creating a new one")
+    )
+}
+
 /// A Kafka reader on the cluster that reads while the stream runs (so receipt times mean
 /// something) until it is handed the list of what was written, then until all of it arrived.
 struct LiveReader {
@@ -255,8 +266,9 @@ async fn start(mode: Mode) -> (Scenario, LiveReader, Relay) {
     )
     .await;
     s.kafka_brokers = CLUSTER.into();
+    // kafka.message_timeout stays at its default (30 s): longer than the outages here.
     s.extra_toml.push_str(&format!(
-        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = false\nmessage_timeout = \"10s\"\n",
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\ncreate_topics = false\n",
         s.destination
     ));
     // tansu does not create topics on first produce; the first broker takes it for all.
@@ -297,13 +309,22 @@ async fn broker_killed(mode: Mode) {
     let timing = timing(&s.db, &received, &arrivals, fault, back).await;
     eprintln!(
         "{mode:?}: {node} (127.0.0.1:{port}) SIGKILLed mid-stream, started again after 4 s: {t:?}; {timing:?}; \
-         relay connections before {before:?}, while {node} was down {during:?}"
+         relay connections before {before:?}, while {node} was down {during:?}; {}",
+        relay_saw(&relay)
     );
     t.assert_complete_and_ordered();
-    // The fault was real: the relay lost the broker it was producing through ...
+    // The fault was real: the relay lost the broker it was producing through (librdkafka's
+    // handle for node 111 was connected to it) ...
     assert!(
         !during.contains_key(&port),
         "the relay still talked to {node} while it was dead? {during:?}"
+    );
+    assert!(
+        relay
+            .logs()
+            .contains(&format!("127.0.0.1:{port}/111: Disconnected")),
+        "the relay was not producing through {node}, so the test proved nothing: {}",
+        relay.logs()
     );
     // ... and kept producing through the others meanwhile.
     assert!(
@@ -344,8 +365,9 @@ async fn all_restarted(mode: Mode) {
     let t = tally(&written, &received);
     let timing = timing(&s.db, &received, &arrivals, fault, back).await;
     eprintln!(
-        "{mode:?}: all three brokers stopped (SIGTERM, taking {:?}), down for 3 s, started again: {t:?}; {timing:?}",
-        down.duration_since(fault).unwrap_or_default()
+        "{mode:?}: all three brokers stopped (SIGTERM, taking {:?}), down for 3 s, started again: {t:?}; {timing:?}; {}",
+        down.duration_since(fault).unwrap_or_default(),
+        relay_saw(&relay)
     );
     t.assert_complete_and_ordered();
     assert!(
