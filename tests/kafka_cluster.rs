@@ -258,7 +258,6 @@ async fn timing(
 }
 
 async fn start(mode: Mode) -> (Scenario, LiveReader, Relay) {
-    require_cluster();
     let mut s = Scenario::of(
         mode,
         Broker::Kafka,
@@ -288,6 +287,7 @@ fn write(s: &Scenario) -> tokio::task::JoinHandle<Vec<Written>> {
 }
 
 async fn broker_killed(mode: Mode) {
+    require_cluster();
     let _restore = Restore;
     let (s, reader, relay) = start(mode).await;
     let writers = write(&s);
@@ -335,6 +335,7 @@ async fn broker_killed(mode: Mode) {
 }
 
 async fn all_restarted(mode: Mode) {
+    require_cluster();
     let _restore = Restore;
     let (s, reader, relay) = start(mode).await;
     let writers = write(&s);
