@@ -2,7 +2,7 @@
 //! (no consumer group needed) and collects what it reads.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -16,6 +16,8 @@ pub struct Reader {
     /// Topics found so far, with their partitions (fetched once: the broker may be cut later).
     assigned: std::collections::BTreeMap<String, Vec<i32>>,
     seen: Vec<Received>,
+    /// When each message of `seen` was read (same index): for measuring stalls.
+    arrived: Vec<SystemTime>,
 }
 
 impl Reader {
@@ -33,11 +35,17 @@ impl Reader {
             topics: vec![],
             assigned: Default::default(),
             seen: vec![],
+            arrived: vec![],
         }
     }
 
     pub fn add_topic(&mut self, topic: String) {
         self.topics.push(topic);
+    }
+
+    /// When each message `read_until` returned was read, in the same order.
+    pub fn arrivals(&self) -> &[SystemTime] {
+        &self.arrived
     }
 
     /// Assigns partitions of topics that exist by now (the relay creates them lazily).
@@ -73,6 +81,7 @@ impl Reader {
             }
             // Re-assigning restarts every partition from the beginning: forget what we have.
             self.seen.clear();
+            self.arrived.clear();
             self.consumer.assign(&tpl).expect("assign partitions");
         }
         changed
@@ -123,6 +132,7 @@ impl Reader {
                     };
                     remaining.remove(received.id());
                     self.seen.push(received);
+                    self.arrived.push(SystemTime::now());
                 }
                 Ok(Err(e)) => {
                     eprintln!("kafka reader: {e}");
@@ -136,9 +146,14 @@ impl Reader {
 
 /// Creates `topic` on the test broker.
 pub async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_on(super::KAFKA_BROKERS, topic, partitions).await
+}
+
+/// Creates `topic` through the bootstrap servers `brokers`.
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", super::KAFKA_BROKERS)
+        .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
     let created = admin
