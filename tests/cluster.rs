@@ -6,7 +6,6 @@
 //!
 //! The tests are `fault_` tests: they stop shared nodes, so they run one at a time.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -16,20 +15,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn node_url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
-}
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
-    let out = Command::new(script)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{script}: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/services {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The `/readyz` field `broker_node`, once the relay reports one.

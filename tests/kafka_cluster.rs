@@ -40,18 +40,6 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn services(args: &[&str]) {
-    let out = Command::new(repo_root().join("scripts/services"))
-        .args(args)
-        .output()
-        .expect("run scripts/services");
-    assert!(
-        out.status.success(),
-        "scripts/services {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
@@ -77,19 +65,24 @@ impl Drop for Restore {
     }
 }
 
-/// SIGKILL for broker `node`: its pid file is written by `scripts/services`.
+/// SIGKILL for broker `node`: the tansu process listening on its port (`ss`), wherever it was
+/// started from.
 fn kill_broker(node: &str) {
-    let pid_file = repo_root().join(format!(".run/kafka-cluster/{node}.pid"));
-    let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run scripts/services kafka-cluster",
-            pid_file.display()
-        )
-    });
-    let status = Command::new("kill")
-        .args(["-KILL", pid.trim()])
-        .status()
-        .unwrap();
+    let (_, port) = NODES.iter().find(|(n, _)| *n == node).unwrap();
+    let out = Command::new("ss")
+        .args(["-Htlnp", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let pid = listing
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| {
+            panic!("nothing listens on {port} ({node}): run scripts/services kafka-cluster")
+        });
+    let status = Command::new("kill").args(["-KILL", pid]).status().unwrap();
     assert!(status.success(), "kill -KILL {pid} ({node}) failed");
 }
 

@@ -81,6 +81,22 @@ pub fn pg_client(program: &str) -> Command {
     cmd
 }
 
+/// Runs `scripts/services <args>` (starting and stopping cluster nodes); panics with its
+/// output when it fails.
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services");
+    let out = Command::new(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/services {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
 }
