@@ -279,6 +279,26 @@ fn write(s: &Scenario) -> tokio::task::JoinHandle<Vec<Written>> {
     })
 }
 
+/// The end of a scenario whose brokers are all back now: the writers' stream must go on past
+/// that moment (else the fault did not reach it), then everything is read and counted.
+async fn finish(
+    s: &Scenario,
+    reader: LiveReader,
+    writers: tokio::task::JoinHandle<Vec<Written>>,
+    fault: SystemTime,
+    who_was_back: &str,
+) -> (Tally, Timing) {
+    let back = SystemTime::now();
+    let written = writers.await.unwrap();
+    assert!(
+        SystemTime::now() > back + Duration::from_secs(2),
+        "the writers finished before {who_was_back} back: the stream did not span the fault"
+    );
+    let (received, arrivals) = reader.finish(&written).await;
+    let t = tally(&written, &received);
+    (t, timing(&s.db, &received, &arrivals, fault, back).await)
+}
+
 async fn broker_killed(mode: Mode) {
     require_cluster();
     let _restore = Restore;
@@ -291,15 +311,7 @@ async fn broker_killed(mode: Mode) {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during = connections_of(relay.pid());
     services(&["start-node", node]);
-    let back = SystemTime::now();
-    let written = writers.await.unwrap();
-    assert!(
-        SystemTime::now() > back + Duration::from_secs(2),
-        "the writers finished before {node} was back: the stream did not span the fault"
-    );
-    let (received, arrivals) = reader.finish(&written).await;
-    let t = tally(&written, &received);
-    let timing = timing(&s.db, &received, &arrivals, fault, back).await;
+    let (t, timing) = finish(&s, reader, writers, fault, &format!("{node} was")).await;
     eprintln!(
         "{mode:?}: {node} (127.0.0.1:{port}) SIGKILLed mid-stream, started again after 4 s: {t:?}; {timing:?}; \
          relay connections before {before:?}, while {node} was down {during:?}; {}",
@@ -349,15 +361,7 @@ async fn all_restarted(mode: Mode) {
     for (node, _) in NODES {
         services(&["start-node", node]);
     }
-    let back = SystemTime::now();
-    let written = writers.await.unwrap();
-    assert!(
-        SystemTime::now() > back + Duration::from_secs(2),
-        "the writers finished before the brokers were back: the stream did not span the fault"
-    );
-    let (received, arrivals) = reader.finish(&written).await;
-    let t = tally(&written, &received);
-    let timing = timing(&s.db, &received, &arrivals, fault, back).await;
+    let (t, timing) = finish(&s, reader, writers, fault, "the brokers were").await;
     eprintln!(
         "{mode:?}: all three brokers stopped (SIGTERM, taking {:?}), down for 3 s, started again: {t:?}; {timing:?}; {}",
         down.duration_since(fault).unwrap_or_default(),

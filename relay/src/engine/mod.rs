@@ -223,7 +223,7 @@ async fn pump<S: Source, K: Sink>(
         aggregates: Aggregates::new(&config.delivery),
         flights: FuturesOrdered::new(),
         paused_until: None,
-        shown_node: None,
+        shown_node: (0, None),
     };
     let result = engine
         .drive(source, sink, shutdown, &leadership, backoff)
@@ -239,8 +239,9 @@ struct Engine<'a> {
     /// The broker was unavailable: send nothing until this instant and until nothing is in
     /// flight.
     paused_until: Option<Instant>,
-    /// The broker node last shown to `status` (see `Source::show_broker_node`).
-    shown_node: Option<String>,
+    /// The broker node last shown to `status` (see `Source::show_broker_node`), and the
+    /// `metrics::broker_node_changes` count it was read at.
+    shown_node: (u64, Option<String>),
 }
 
 impl Engine<'_> {
@@ -254,10 +255,13 @@ impl Engine<'_> {
     ) -> Result<(), Error> {
         let max_in_flight = self.config.delivery.max_in_flight.max(1);
         loop {
-            let node = crate::metrics::broker_node();
-            if node != self.shown_node {
-                source.show_broker_node(node.as_deref()).await?;
-                self.shown_node = node;
+            let changes = crate::metrics::broker_node_changes();
+            if changes != self.shown_node.0 {
+                let node = crate::metrics::broker_node();
+                if node != self.shown_node.1 {
+                    source.show_broker_node(node.as_deref()).await?;
+                }
+                self.shown_node = (changes, node);
             }
             let now = Instant::now();
             if self.aggregates.unblock_due(now) > 0 {

@@ -123,9 +123,7 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
         active_instance: t.active_instance().await?.map(
             |(pid, application_name, client_addr, since)| Instance {
                 pid,
-                broker_node: application_name
-                    .split_once(" rabbitmq=")
-                    .map(|(_, node)| node.to_string()),
+                broker_node: crate::source::broker_node_of(&application_name).map(str::to_string),
                 application_name,
                 client_addr,
                 since: since.map(format_ms),

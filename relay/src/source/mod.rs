@@ -36,11 +36,15 @@ pub trait Blocked: Sync {
     fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
 }
 
-/// The leader session's `application_name`: `outbox-relay`, plus `rabbitmq=<node>` while the
-/// sink is connected to a node of a list; `status` reads it from `pg_stat_activity`.
+/// What precedes the broker node in the leader session's `application_name`.
+const BROKER_NODE_TAG: &str = " rabbitmq=";
+
+/// The leader session's `application_name`: `outbox-relay`, plus ` rabbitmq=<host:port>` while
+/// the sink is connected to a RabbitMQ node; `status` reads it from `pg_stat_activity`
+/// ([`broker_node_of`]).
 pub(crate) async fn show_broker_node(conn: &PgConn, node: Option<&str>) -> Result<(), Error> {
     let mut name = match node {
-        Some(n) => format!("outbox-relay rabbitmq={n}"),
+        Some(n) => format!("outbox-relay{BROKER_NODE_TAG}{n}"),
         None => "outbox-relay".into(),
     };
     // Postgres keeps 63 bytes of it.
@@ -52,6 +56,13 @@ pub(crate) async fn show_broker_node(conn: &PgConn, node: Option<&str>) -> Resul
         .await
         .map_err(|e| Error::pg("cannot set application_name", e))?;
     Ok(())
+}
+
+/// The broker node an `application_name` written by [`show_broker_node`] names.
+pub(crate) fn broker_node_of(application_name: &str) -> Option<&str> {
+    application_name
+        .split_once(BROKER_NODE_TAG)
+        .map(|(_, node)| node)
 }
 
 /// Waits until this instance holds the outbox's leader lock (both sources use it).
