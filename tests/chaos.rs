@@ -5,7 +5,11 @@
 //! violations among first deliveries (must be 0), longest failover, most relays active at once.
 //!
 //! Kafka outages go through a TCP proxy in front of a private tansu (stopping tansu itself
-//! would lose its in-memory log); RabbitMQ outages stop the real broker's app.
+//! would lose its in-memory log); RabbitMQ outages stop the real broker's app. The cluster
+//! variant (`fault_chaos_cluster_*`) stops nodes instead: the relay lists the three nodes of
+//! `scripts/services rabbitmq-cluster` or `kafka-cluster`, and each outage stops one node for
+//! real (RabbitMQ: the one the active relay uses, unless the consumer reads through it; Kafka:
+//! kafka-1, 2, 3 in turn) and starts it again 3 s later.
 //!
 //! `CHAOS_EVENTS` (default 4,000) and `CHAOS_SECONDS` (default 20) size a run; `scripts/chaos`
 //! runs the long variant and appends each report to `CHAOS_REPORT` when set.
@@ -30,6 +34,22 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 fn rabbitmqctl(args: &[&str]) {
     let _ = Command::new("rabbitmqctl").args(args).status();
+}
+
+/// What a run's broker outages are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outages {
+    /// Kafka: the proxy in front of a private tansu is cut; RabbitMQ: the broker's app stops.
+    SingleBroker,
+    /// A node of the three-node cluster is stopped for real and started again.
+    ClusterNode,
+}
+
+const RABBIT_NODES: [u16; 3] = [5701, 5702, 5703];
+const KAFKA_NODES: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
+
+fn rabbit_node_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
 }
 
 #[derive(Debug)]
@@ -73,7 +93,7 @@ impl ChaosReport {
     }
 }
 
-async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
+async fn chaos(mode: Mode, broker: Broker, outages_of: Outages) -> ChaosReport {
     let events = env_or("CHAOS_EVENTS", 4_000) as usize;
     let seconds = env_or("CHAOS_SECONDS", 20);
     let started = Instant::now();
@@ -83,7 +103,16 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
     // Kafka: a private tansu behind a proxy we can cut.
     let mut _tansu = None;
     let mut proxy = None;
-    if broker == Broker::Kafka {
+    let cluster = outages_of == Outages::ClusterNode;
+    if cluster {
+        match broker {
+            Broker::Kafka => s.kafka_brokers = KAFKA_NODES.into(),
+            Broker::Rabbitmq => {
+                let list: Vec<String> = RABBIT_NODES.iter().map(|p| rabbit_node_url(*p)).collect();
+                s.extra_env.push(("RELAY_AMQP_URL".into(), list.join(",")));
+            }
+        }
+    } else if broker == Broker::Kafka {
         let port = free_port();
         let p = Proxy::start(port).await;
         _tansu = Some(Tansu::start(port, p.port));
@@ -91,7 +120,16 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
         proxy = Some(p);
     }
     s.migrate();
-    let mut reader = s.reader(&["wallet"]).await;
+    let mut reader = if cluster && broker == Broker::Rabbitmq {
+        // A quorum queue, read through the last node, which no outage stops.
+        AnyReader::Amqp(
+            amqp::Reader::bind_on(&rabbit_node_url(RABBIT_NODES[2]), &s.destination, "#", true)
+                .await
+                .expect("the RabbitMQ cluster on 127.0.0.1:5701-5703 is not running: run scripts/services rabbitmq-cluster"),
+        )
+    } else {
+        s.reader(&["wallet"]).await
+    };
 
     let mut relays = vec![s.start_relay(), s.start_relay()];
     let mut bases = Vec::new();
@@ -184,6 +222,39 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
                     *watched.lock().unwrap() = bases.clone();
                 }
             }
+            1 if cluster => {
+                outages += 1;
+                let node = match broker {
+                    Broker::Kafka => format!("kafka-{}", outages % 3 + 1),
+                    Broker::Rabbitmq => {
+                        // The node the active relay publishes through, unless it is the
+                        // consumer's (then another one).
+                        let mut in_use = None;
+                        for (i, b) in bases.iter().enumerate() {
+                            if relays[i].is_active(b).await {
+                                let (_, body) = http_get(&format!("{b}/readyz")).await;
+                                let v: serde_json::Value =
+                                    serde_json::from_str(&body).unwrap_or_default();
+                                in_use = v["broker_node"].as_str().map(str::to_string);
+                            }
+                        }
+                        match in_use.as_deref() {
+                            Some("127.0.0.1:5701") => "rabbit-1".into(),
+                            Some("127.0.0.1:5702") => "rabbit-2".into(),
+                            _ => format!("rabbit-{}", outages % 2 + 1),
+                        }
+                    }
+                };
+                eprintln!("chaos: stopping {node}");
+                let (stop, start) = (node.clone(), node.clone());
+                tokio::task::spawn_blocking(move || services(&["stop-node", &stop]))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                tokio::task::spawn_blocking(move || services(&["start-node", &start]))
+                    .await
+                    .unwrap();
+            }
             1 => {
                 outages += 1;
                 match &proxy {
@@ -217,7 +288,11 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
     watcher.abort();
     let t = tally(&written, &received);
     let report = ChaosReport {
-        combination: format!("{mode:?} → {broker:?}").to_lowercase(),
+        combination: format!(
+            "{mode:?} → {broker:?}{}",
+            if cluster { " cluster" } else { "" }
+        )
+        .to_lowercase(),
         committed: t.sent,
         delivered: t.unique,
         lost: t.missing,
@@ -290,20 +365,40 @@ async fn chaos(mode: Mode, broker: Broker) -> ChaosReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_chaos_poll_kafka_loses_nothing() {
-    chaos(Mode::Poll, Broker::Kafka).await;
+    chaos(Mode::Poll, Broker::Kafka, Outages::SingleBroker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_chaos_poll_rabbitmq_loses_nothing() {
-    chaos(Mode::Poll, Broker::Rabbitmq).await;
+    chaos(Mode::Poll, Broker::Rabbitmq, Outages::SingleBroker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_chaos_wal_kafka_loses_nothing() {
-    chaos(Mode::Wal, Broker::Kafka).await;
+    chaos(Mode::Wal, Broker::Kafka, Outages::SingleBroker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_chaos_wal_rabbitmq_loses_nothing() {
-    chaos(Mode::Wal, Broker::Rabbitmq).await;
+    chaos(Mode::Wal, Broker::Rabbitmq, Outages::SingleBroker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_chaos_cluster_poll_kafka_loses_nothing() {
+    chaos(Mode::Poll, Broker::Kafka, Outages::ClusterNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_chaos_cluster_poll_rabbitmq_loses_nothing() {
+    chaos(Mode::Poll, Broker::Rabbitmq, Outages::ClusterNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_chaos_cluster_wal_kafka_loses_nothing() {
+    chaos(Mode::Wal, Broker::Kafka, Outages::ClusterNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_chaos_cluster_wal_rabbitmq_loses_nothing() {
+    chaos(Mode::Wal, Broker::Rabbitmq, Outages::ClusterNode).await;
 }

@@ -19,4 +19,5 @@ mod kafka_cluster;
 mod observability;
 mod ops;
 mod security;
+mod tls;
 mod wal;

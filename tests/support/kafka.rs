@@ -22,14 +22,22 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(brokers: &str) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
+        Self::with_config(brokers, &[])
+    }
+
+    /// A reader with librdkafka settings of its own besides the defaults (TLS, SASL).
+    pub fn with_config(brokers: &str, extra: &[(&str, &str)]) -> Self {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("group.id", super::unique("reader"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("allow.auto.create.topics", "false")
-            .create()
-            .expect("create Kafka consumer");
+            .set("allow.auto.create.topics", "false");
+        for (k, v) in extra {
+            config.set(*k, *v);
+        }
+        let consumer: StreamConsumer = config.create().expect("create Kafka consumer");
         Self {
             consumer,
             topics: vec![],

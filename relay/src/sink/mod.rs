@@ -129,9 +129,10 @@ impl BrokerProbe {
                 Ok(probe) => BrokerProbe::Kafka(probe),
                 Err(e) => BrokerProbe::Unavailable(e),
             },
-            SinkKind::Rabbitmq => {
-                BrokerProbe::Rabbitmq(Box::new(amqp::probe::AmqpProbe::new(&config.rabbitmq)))
-            }
+            SinkKind::Rabbitmq => match amqp::probe::AmqpProbe::new(&config.rabbitmq) {
+                Ok(probe) => BrokerProbe::Rabbitmq(Box::new(probe)),
+                Err(e) => BrokerProbe::Unavailable(e),
+            },
         }
     }
 

@@ -9,6 +9,7 @@
 //! (<https://www.rabbitmq.com/docs/uri-spec>) is only known when the sink connects.
 
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,9 @@ pub struct RabbitmqConfig {
     /// Largest body the broker takes (RabbitMQ's `max_message_size`, 128 MiB by default);
     /// larger events are dead-lettered instead of breaking the channel.
     pub max_message_size: usize,
+    /// PEM file of the CA (or CAs) that signed the nodes' certificates, trusted besides the
+    /// system's roots for `amqps://` URLs. The URL's host must be a name in the certificate.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RabbitmqConfig {
@@ -53,6 +57,7 @@ impl Default for RabbitmqConfig {
             partitions: None,
             confirm_timeout: Duration::from_secs(30),
             max_message_size: 128 * 1024 * 1024,
+            tls_ca_file: None,
         }
     }
 }
@@ -70,6 +75,19 @@ impl RabbitmqConfig {
                     url.redacted()
                 ));
             }
+        }
+        if self.tls_ca_file.is_some() {
+            if let Some(url) = self
+                .urls()
+                .iter()
+                .find(|u| !u.expose().starts_with("amqps://"))
+            {
+                return bad(format!(
+                    "rabbitmq.tls_ca_file is set but RELAY_AMQP_URL `{}` is not an amqps:// URL, so it would not be used; use amqps:// (RabbitMQ's TLS port, 5671 by default) or remove rabbitmq.tls_ca_file",
+                    url.redacted()
+                ));
+            }
+            self.ca_pem()?;
         }
         if self.exchange.is_empty() {
             return bad(
@@ -91,6 +109,27 @@ impl RabbitmqConfig {
     /// answers and, when that node goes away, to the next.
     pub fn urls(&self) -> Vec<Secret> {
         self.url.split()
+    }
+
+    /// The certificates of `tls_ca_file`, in PEM, if it is set; `Err` when the file cannot be
+    /// read or holds no PEM certificate.
+    pub fn ca_pem(&self) -> Result<Option<String>, Error> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "rabbitmq.tls_ca_file `{}` cannot be read: {e}",
+                path.display()
+            ))
+        })?;
+        native_tls::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+            Error::Config(format!(
+                "rabbitmq.tls_ca_file `{}` is not a PEM certificate (-----BEGIN CERTIFICATE-----): {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Some(pem))
     }
 
     /// The routing key template; `Err` names the setting.
@@ -128,6 +167,41 @@ mod tests {
     #[test]
     fn defaults_validate() {
         RabbitmqConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_ca_file_needs_amqps_urls_and_a_readable_pem_file() {
+        let dir = std::env::temp_dir().join(format!("amqp-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let with = |url: &str, ca: PathBuf| RabbitmqConfig {
+            url: Secret::new(url),
+            tls_ca_file: Some(ca),
+            ..RabbitmqConfig::default()
+        };
+        let err = with(
+            "amqps://a:5671,amqp://guest:hunter2@b:5672",
+            not_pem.clone(),
+        )
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not an amqps:// URL"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = with("amqps://a:5671", dir.join("missing.pem"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot be read") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let err = with("amqps://a:5671", not_pem)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a PEM certificate"), "{err}");
     }
 
     #[test]

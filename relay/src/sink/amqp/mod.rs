@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tracing::{info, warn};
@@ -49,6 +50,8 @@ pub struct AmqpSink {
     /// The nodes of `RELAY_AMQP_URL`, and the index of the one in use (or to try first).
     nodes: Vec<Secret>,
     node: usize,
+    /// `rabbitmq.tls_ca_file`'s certificates, trusted for `amqps://` nodes.
+    ca: Option<String>,
     routing_key: Template,
     encoder: Encoder,
     link: Option<(Connection, Channel)>,
@@ -64,6 +67,7 @@ impl AmqpSink {
             config: config.clone(),
             nodes: config.urls(),
             node: 0,
+            ca: config.ca_pem()?,
             routing_key: config.routing_key_template()?,
             encoder,
             link: None,
@@ -95,23 +99,17 @@ impl AmqpSink {
             self.node = (self.node + 1) % self.nodes.len();
         }
         self.in_flight = Arc::default();
-        let mut refused = Vec::new();
-        let mut connected = None;
-        for i in failover_order(self.node, self.nodes.len()) {
-            match connect_node(&self.nodes[i]).await {
-                Ok(c) => {
-                    connected = Some((i, c));
-                    break;
-                }
-                Err(e) => refused.push(e),
-            }
-        }
-        let Some((node, connection)) = connected else {
-            return Err(Error::Broker(format!(
-                "{}; check RELAY_AMQP_URL (host, credentials, vhost)",
-                refused.join("; ")
-            )));
-        };
+        let (node, connection) =
+            connect_first(&self.nodes, self.ca.as_deref(), self.node, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    // A refused certificate already names its fix.
+                    Error::Broker(if e.contains(TLS_REFUSED) {
+                        e
+                    } else {
+                        format!("{e}; check RELAY_AMQP_URL (host, credentials, vhost)")
+                    })
+                })?;
         self.node = node;
         let channel = connection
             .create_channel()
@@ -174,20 +172,67 @@ fn failover_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (first + k) % n)
 }
 
-/// A connection to one node; `Err` says which node and why, without the password.
-async fn connect_node(url: &Secret) -> Result<Connection, String> {
-    tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(url.expose(), ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| {
+/// A connection to the first of `nodes` that answers within `timeout` each, trying them from
+/// index `first` around the list, and its index; `Err` names every node's error, without the
+/// passwords. `ca` (PEM) is trusted besides the system's roots for `amqps://` nodes. The sink
+/// and the `/readyz` probe both connect through it.
+async fn connect_first(
+    nodes: &[Secret],
+    ca: Option<&str>,
+    first: usize,
+    timeout: Duration,
+) -> Result<(usize, Connection), String> {
+    let mut refused = Vec::new();
+    for i in failover_order(first, nodes.len()) {
+        let url = &nodes[i];
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca.map(str::to_string),
+        };
+        let connect =
+            Connection::connect_with_config(url.expose(), ConnectionProperties::default(), tls);
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(connection)) => return Ok((i, connection)),
+            Ok(Err(e)) => refused.push(explain_connect_error(url, &e.to_string(), ca.is_some())),
+            Err(_) => refused.push(format!(
+                "cannot reach RabbitMQ at {}: connect timed out",
+                url.redacted()
+            )),
+        }
+    }
+    Err(refused.join("; "))
+}
+
+/// What every message about a refused server certificate says.
+const TLS_REFUSED: &str = "the server's TLS certificate";
+
+/// The message for a failed connection to `url`: a refused server certificate says which
+/// setting to look at (OpenSSL's reason, e.g. `hostname mismatch` or `unable to get local
+/// issuer certificate`, is kept in parentheses).
+fn explain_connect_error(url: &Secret, error: &str, ca_set: bool) -> String {
+    let at = url.redacted();
+    let lower = error.to_ascii_lowercase();
+    if !lower.contains("certificate verify failed") {
+        return format!("cannot connect to RabbitMQ at {at}: {error}");
+    }
+    let reason = error
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.split_once(')'))
+        .map_or(error, |(r, _)| r);
+    // OpenSSL: "hostname mismatch", or "IP address mismatch" for a URL with an IP address.
+    if lower.contains("mismatch") {
         format!(
-            "cannot reach RabbitMQ at {}: connect timed out",
-            url.redacted()
+            "cannot connect to RabbitMQ at {at}: {TLS_REFUSED} is not for this host ({reason}); name the node in RELAY_AMQP_URL by a host name the certificate holds"
         )
-    })?
-    .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", url.redacted()))
+    } else if ca_set {
+        format!(
+            "cannot connect to RabbitMQ at {at}: {TLS_REFUSED} is not signed by a CA of rabbitmq.tls_ca_file ({reason}); set it to the CA that signed the server's certificate"
+        )
+    } else {
+        format!(
+            "cannot connect to RabbitMQ at {at}: {TLS_REFUSED} is not signed by a CA this system trusts ({reason}); set rabbitmq.tls_ca_file to the CA that signed it"
+        )
+    }
 }
 
 /// AMQP short strings (routing key, message id, type, header names) hold at most 255 bytes,
@@ -413,7 +458,46 @@ fn is_not_found(e: &lapin::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Secret, failover_order, node_label};
+    use super::{Secret, explain_connect_error, failover_order, node_label};
+
+    #[test]
+    fn a_refused_certificate_names_the_setting_to_fix() {
+        let url = Secret::new("amqps://guest:hunter2@localhost:5711/%2f");
+        // As lapin reports OpenSSL's refusals (seen with RabbitMQ 3.10's TLS listener).
+        let verify = |why: &str| {
+            format!(
+                "IO error: error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed:../ssl/statem/statem_clnt.c:1889: ({why})"
+            )
+        };
+        let msg = explain_connect_error(
+            &url,
+            &verify("self-signed certificate in certificate chain"),
+            true,
+        );
+        assert!(msg.contains("not signed by a CA of rabbitmq.tls_ca_file (self-signed certificate in certificate chain)"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let msg = explain_connect_error(
+            &url,
+            &verify("unable to get local issuer certificate"),
+            false,
+        );
+        assert!(
+            msg.contains("a CA this system trusts") && msg.contains("set rabbitmq.tls_ca_file"),
+            "{msg}"
+        );
+        for why in ["hostname mismatch", "IP address mismatch"] {
+            let msg = explain_connect_error(&url, &verify(why), true);
+            assert!(
+                msg.contains("is not for this host") && msg.contains(why),
+                "{msg}"
+            );
+        }
+        let msg = explain_connect_error(&url, "IO error: Connection refused (os error 111)", true);
+        assert_eq!(
+            msg,
+            "cannot connect to RabbitMQ at amqps://guest:***@localhost:5711/%2f: IO error: Connection refused (os error 111)"
+        );
+    }
 
     #[test]
     fn a_node_is_named_by_its_host_and_port_only() {

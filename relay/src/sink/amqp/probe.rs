@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use lapin::options::BasicQosOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 
 use super::config::RabbitmqConfig;
 use crate::config::secret::Secret;
@@ -37,45 +37,36 @@ struct Link {
 pub struct AmqpProbe {
     /// Every node of `RELAY_AMQP_URL`: the broker is up when one of them answers.
     nodes: Vec<Secret>,
+    /// `rabbitmq.tls_ca_file`'s certificates, as the sink trusts them.
+    ca: Option<String>,
     link: Option<Link>,
 }
 
 impl AmqpProbe {
-    /// Does not connect yet: the first [`check`](Self::check) does.
-    pub fn new(config: &RabbitmqConfig) -> Self {
-        Self {
+    /// Does not connect yet: the first [`check`](Self::check) does. `Err` when
+    /// `rabbitmq.tls_ca_file` cannot be read.
+    pub fn new(config: &RabbitmqConfig) -> Result<Self, String> {
+        Ok(Self {
             nodes: config.urls(),
+            ca: config.ca_pem().map_err(|e| e.to_string())?,
             link: None,
-        }
+        })
     }
 
     /// `Ok` when the broker answered a round trip within the timeout.
     pub async fn check(&mut self) -> Result<(), String> {
-        let Self { nodes, link } = self;
-        check_reusing(link, async || connect_any(nodes).await, ping).await
+        let Self { nodes, ca, link } = self;
+        check_reusing(link, async || connect_any(nodes, ca.as_deref()).await, ping).await
     }
 }
 
-/// A link to the first node that answers within the timeout; `Err` names each node's error.
-async fn connect_any(nodes: &[Secret]) -> Result<Link, String> {
-    let mut errors = Vec::new();
-    for url in nodes {
-        match tokio::time::timeout(TIMEOUT, connect(url)).await {
-            Ok(Ok(link)) => return Ok(link),
-            Ok(Err(e)) => errors.push(format!("{}: {e}", url.redacted())),
-            Err(_) => errors.push(format!("{}: timed out", url.redacted())),
-        }
-    }
-    Err(errors.join("; "))
-}
-
-async fn connect(url: &Secret) -> Result<Link, String> {
-    let connection = Connection::connect(url.expose(), ConnectionProperties::default())
+/// A link to the first node that answers within the timeout (the sink's
+/// [`connect_first`](super::connect_first)); `Err` names each node's error.
+async fn connect_any(nodes: &[Secret], ca: Option<&str>) -> Result<Link, String> {
+    let (_, connection) = super::connect_first(nodes, ca, 0, TIMEOUT).await?;
+    let channel = tokio::time::timeout(TIMEOUT, connection.create_channel())
         .await
-        .map_err(|e| e.to_string())?;
-    let channel = connection
-        .create_channel()
-        .await
+        .map_err(|_| "opening a channel timed out".to_string())?
         .map_err(|e| e.to_string())?;
     Ok(Link {
         _connection: connection,

@@ -25,10 +25,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
 
@@ -112,11 +115,125 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// A client context that keeps the last error librdkafka reported about its brokers: a failed
+/// metadata request says only "broker transport failure", while the reason (a refused TLS
+/// certificate, a failed SASL authentication) is reported to the context. It logs nothing
+/// itself: the start-up error names the reason once.
+/// Error events reach the context when the client is polled: [`LastError::take_from`] polls.
+#[derive(Default)]
+pub(crate) struct LastError(Mutex<Option<String>>);
+
+impl LastError {
+    /// Serves `client`'s pending events, then takes the last error reported.
+    pub(crate) fn take_from(client: &BaseProducer<LastError>) -> Option<String> {
+        client.poll(Duration::ZERO);
+        client
+            .context()
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+impl ClientContext for LastError {
+    fn log(&self, _: RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", fac, "{message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let reason = if reason.is_empty() {
+            error.to_string()
+        } else {
+            reason.to_string()
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+}
+
+impl ProducerContext for LastError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// Whether librdkafka's `reason` is a refusal that waiting does not cure: a TLS certificate
+/// or a SASL login.
+fn refused_for_good(reason: &str) -> bool {
+    let lower = reason.to_ascii_lowercase();
+    lower.contains("ssl handshake failed")
+        || lower.contains("certificate verify failed")
+        || (lower.contains("sasl") && lower.contains("authentication"))
+}
+
+/// Fetches the cluster's metadata through a client of its own with the sink's settings, for
+/// up to [`METADATA_TIMEOUT`], before the sink's own clients exist (they would each log every
+/// failed attempt). `Err` is the start-up error: a refused TLS certificate or SASL login ends
+/// the wait at once, with a message that names the settings to fix; anything else says the
+/// brokers cannot be reached and why.
+async fn check_reachable(client_config: &ClientConfig) -> Result<(), Error> {
+    let brokers = client_config
+        .get("bootstrap.servers")
+        .unwrap_or_default()
+        .to_string();
+    let client: BaseProducer<LastError> = client_config
+        .create_with_context(LastError::default())
+        .map_err(|e| {
+        Error::Config(format!(
+            "cannot create a Kafka client: {e}; check kafka.properties"
+        ))
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + METADATA_TIMEOUT;
+        let mut reason = None;
+        loop {
+            let attempt = METADATA_TIMEOUT.min(Duration::from_secs(1));
+            let e = match client.client().fetch_metadata(None, attempt) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            reason = LastError::take_from(&client).or(reason);
+            let refused = reason.as_deref().is_some_and(refused_for_good);
+            if refused || Instant::now() >= deadline {
+                return Err(Error::Broker(explain_unreachable(
+                    &brokers,
+                    &e.to_string(),
+                    reason.as_deref(),
+                )));
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Broker(format!("Kafka metadata task failed: {e}")))?
+}
+
+/// The start-up message for brokers that did not answer a metadata request (`error`), given
+/// the last reason librdkafka reported for them.
+fn explain_unreachable(brokers: &str, error: &str, reason: Option<&str>) -> String {
+    const CHECK: &str = "check RELAY_KAFKA_BROKERS and that the brokers are up";
+    let Some(reason) = reason else {
+        return format!("cannot reach Kafka at {brokers}: {error}; {CHECK}");
+    };
+    let lower = reason.to_ascii_lowercase();
+    if !(lower.contains("sasl") && lower.contains("authentication")) && refused_for_good(reason) {
+        format!(
+            "cannot reach Kafka at {brokers}: the TLS handshake failed ({reason}); set kafka.properties ssl.ca.location to the CA that signed the brokers' certificates, and name the brokers by a host name their certificates hold"
+        )
+    } else if refused_for_good(reason) {
+        format!(
+            "cannot reach Kafka at {brokers}: SASL authentication failed ({reason}); check kafka.properties sasl.mechanism, sasl.username and sasl.password"
+        )
+    } else {
+        format!("cannot reach Kafka at {brokers}: {error} ({reason}); {CHECK}")
+    }
+}
+
 impl KafkaSink {
     /// Creates the producer and fetches the cluster's metadata once: unreachable brokers or
     /// bad `kafka.properties` are start-up errors.
     pub async fn connect(config: &KafkaConfig, encoder: Encoder) -> Result<Self, Error> {
         let client_config = client_config(config);
+        let (topic, key) = config.templates()?;
+        check_reachable(&client_config).await?;
         let producer: FutureProducer = client_config.create().map_err(|e| {
             Error::Config(format!(
                 "cannot create the Kafka producer: {e}; check kafka.properties"
@@ -125,17 +242,6 @@ impl KafkaSink {
         let admin: AdminClient<DefaultClientContext> = client_config
             .create()
             .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
-        let (topic, key) = config.templates()?;
-        let probe = producer.clone();
-        let brokers = config.brokers.clone();
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, METADATA_TIMEOUT))
-            .await
-            .map_err(|e| Error::Broker(format!("Kafka metadata task failed: {e}")))?
-            .map_err(|e| {
-                Error::Broker(format!(
-                    "cannot reach Kafka at {brokers}: {e}; check RELAY_KAFKA_BROKERS and that the brokers are up"
-                ))
-            })?;
         Ok(Self {
             producer,
             admin,
@@ -552,5 +658,49 @@ impl Sink for KafkaSink {
 impl Drop for KafkaSink {
     fn drop(&mut self) {
         let _ = self.producer.flush(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_unreachable;
+
+    /// librdkafka 2.12's report of a certificate it could not verify.
+    const REFUSED: &str = "ssl://localhost:9193/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 18ms in state SSL_HANDSHAKE)";
+    const FETCH: &str =
+        "Meta data fetch error: BrokerTransportFailure (Local: Broker transport failure)";
+
+    #[test]
+    fn a_refused_certificate_names_the_tls_settings_not_the_broker_list() {
+        let msg = explain_unreachable("localhost:9193", FETCH, Some(REFUSED));
+        assert!(
+            msg.starts_with("cannot reach Kafka at localhost:9193: the TLS handshake failed (")
+                && msg.contains("set kafka.properties ssl.ca.location")
+                && !msg.contains("BrokerTransportFailure"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_refused_login_names_the_sasl_settings() {
+        let reason = "sasl_ssl://b:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512";
+        let msg = explain_unreachable("b:9093", FETCH, Some(reason));
+        assert!(
+            msg.contains("SASL authentication failed") && msg.contains("sasl.username"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_broker_names_the_broker_list() {
+        let msg = explain_unreachable("127.0.0.1:1", FETCH, None);
+        assert!(msg.contains("RELAY_KAFKA_BROKERS"), "{msg}");
+        let reason =
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused";
+        let msg = explain_unreachable("127.0.0.1:1", FETCH, Some(reason));
+        assert!(
+            msg.contains("Connection refused") && msg.contains("RELAY_KAFKA_BROKERS"),
+            "{msg}"
+        );
     }
 }

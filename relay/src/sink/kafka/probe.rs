@@ -12,25 +12,29 @@
 
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{BaseProducer, Producer};
 
-use super::client_config;
 use super::config::KafkaConfig;
+use super::{LastError, client_config};
 
 /// How long one check waits for the metadata.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A metadata request on a client of the probe's own.
 pub struct KafkaProbe {
-    producer: FutureProducer,
+    /// Its errors go to the check's result (and the debug log), not to the error log: the
+    /// sink reports what is wrong with the brokers.
+    producer: std::sync::Arc<BaseProducer<LastError>>,
 }
 
 impl KafkaProbe {
     /// A client with the sink's settings; `Err` when librdkafka refuses them.
     pub fn new(config: &KafkaConfig) -> Result<Self, String> {
         client_config(config)
-            .create()
-            .map(|producer| Self { producer })
+            .create_with_context(LastError::default())
+            .map(|producer| Self {
+                producer: std::sync::Arc::new(producer),
+            })
             .map_err(|e| format!("cannot create a Kafka client: {e}"))
     }
 
@@ -38,11 +42,13 @@ impl KafkaProbe {
     pub async fn check(&self) -> Result<(), String> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, TIMEOUT)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            let result = producer.client().fetch_metadata(None, TIMEOUT);
+            let reason = LastError::take_from(&producer);
+            match (result, reason) {
+                (Ok(_), _) => Ok(()),
+                (Err(e), Some(reason)) => Err(format!("{e} ({reason})")),
+                (Err(e), None) => Err(e.to_string()),
+            }
         })
         .await
         .map_err(|e| e.to_string())?
