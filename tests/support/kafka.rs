@@ -33,7 +33,10 @@ impl Reader {
             .set("group.id", super::unique("reader"))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("allow.auto.create.topics", "false");
+            .set("allow.auto.create.topics", "false")
+            // As the relay: back within a second of a broker's return, not librdkafka's 10 s,
+            // so that a stall the tests measure is the relay's, not the consumer's.
+            .set("reconnect.backoff.max.ms", "1000");
         for (k, v) in extra {
             config.set(*k, *v);
         }

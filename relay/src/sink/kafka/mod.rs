@@ -242,6 +242,19 @@ impl KafkaSink {
         let admin: AdminClient<DefaultClientContext> = client_config
             .create()
             .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
+        // The producer learns the cluster now, not with the first batch. The check above
+        // found the brokers answering: a failure here (they went away meanwhile) is an error
+        // like any other start-up error.
+        let warm = producer.clone();
+        let brokers = config.brokers.clone();
+        tokio::task::spawn_blocking(move || warm.client().fetch_metadata(None, METADATA_TIMEOUT))
+            .await
+            .map_err(|e| Error::Broker(format!("Kafka metadata task failed: {e}")))?
+            .map_err(|e| {
+                Error::Broker(format!(
+                    "cannot reach Kafka at {brokers}: {e}; check RELAY_KAFKA_BROKERS and that the brokers are up"
+                ))
+            })?;
         Ok(Self {
             producer,
             admin,
