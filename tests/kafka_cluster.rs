@@ -41,10 +41,6 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn listening(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
-
 fn require_cluster() {
     let down: Vec<_> = NODES.iter().filter(|(_, port)| !listening(*port)).collect();
     assert!(

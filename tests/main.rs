@@ -18,6 +18,7 @@ mod formats;
 mod kafka_cluster;
 mod observability;
 mod ops;
+mod sasl;
 mod security;
 mod tls;
 mod wal;

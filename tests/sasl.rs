@@ -1,0 +1,98 @@
+//! SASL/SCRAM-SHA-512 to Kafka (`scripts/services tls`): a tansu broker on 127.0.0.1:9104 that
+//! serves nothing before a login, with the user `relay-sasl`. It is a fourth broker of the
+//! Kafka cluster (same storage), so the consumer reads what the relay sent through kafka-1.
+//!
+//! With the right password every event arrives; with a wrong one the relay stops at start-up
+//! with one message naming the SASL settings (never the password), and the events wait in the
+//! outbox.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const SASL_BROKER: &str = "127.0.0.1:9104";
+const PLAIN_BROKER: &str = "127.0.0.1:9101";
+const PASSWORD: &str = "s3cret-sasl";
+
+async fn scenario(password: &str) -> Scenario {
+    let mut s = Scenario::of(
+        Mode::Poll,
+        Broker::Kafka,
+        &format!(
+            "[kafka.properties]\n\"security.protocol\" = \"sasl_plaintext\"\n\
+             \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"relay-sasl\"\n\
+             \"sasl.password\" = \"{password}\"\n"
+        ),
+    )
+    .await;
+    s.kafka_brokers = SASL_BROKER.into();
+    assert!(
+        listening(9104),
+        "nothing listens on {SASL_BROKER}: run scripts/services tls"
+    );
+    s
+}
+
+fn reader(s: &Scenario) -> AnyReader {
+    let mut r = kafka::Reader::new(PLAIN_BROKER);
+    r.add_topic(s.topic("wallet"));
+    AnyReader::Kafka(r)
+}
+
+async fn deliver_all(s: &Scenario, written: &[Written]) {
+    let mut reader = reader(s);
+    let relay = s.start_relay();
+    let got = reader.read_until(written, READ_TIMEOUT).await;
+    let t = tally(written, &got);
+    if t.missing > 0 {
+        eprintln!("{}", relay.logs());
+    }
+    t.assert_complete_and_ordered();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_a_sasl_scram_login_gets_every_event() {
+    let s = scenario(PASSWORD).await;
+    s.migrate();
+    let written = write_events(&s.db.url, "wallet", 4, 25, 2).await;
+    deliver_all(&s, &written).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_a_wrong_sasl_password_is_refused_with_one_clear_message_and_loses_nothing() {
+    const WRONG: &str = "not-the-Passw0rd";
+    let mut s = scenario(WRONG).await;
+    s.migrate();
+    let written = write_events(&s.db.url, "wallet", 3, 10, 1).await;
+    let mut relay = s.start_relay();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.exited() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the relay kept running with a wrong password:\n{}",
+            relay.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let logs = relay.logs();
+    assert!(!status.success(), "exited with {status}:\n{logs}");
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.starts_with("outbox-relay: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{logs}");
+    assert!(
+        errors[0].contains("cannot reach Kafka at 127.0.0.1:9104: SASL authentication failed")
+            && errors[0].contains("sasl.password"),
+        "{}",
+        errors[0]
+    );
+    assert!(!logs.contains(WRONG), "the password was printed:\n{logs}");
+    // The right password: everything that waited arrives.
+    s.extra_toml = s.extra_toml.replace(WRONG, PASSWORD);
+    deliver_all(&s, &written).await;
+}
