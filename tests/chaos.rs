@@ -36,6 +36,22 @@ fn rabbitmqctl(args: &[&str]) {
     let _ = Command::new("rabbitmqctl").args(args).status();
 }
 
+/// Brings every node of the cluster back when dropped during a panic.
+struct RestoreCluster(Broker);
+
+impl Drop for RestoreCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services"))
+                .arg(match self.0 {
+                    Broker::Kafka => "kafka-cluster",
+                    Broker::Rabbitmq => "rabbitmq-cluster",
+                })
+                .status();
+        }
+    }
+}
+
 /// What a run's broker outages are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outages {
@@ -104,6 +120,8 @@ async fn chaos(mode: Mode, broker: Broker, outages_of: Outages) -> ChaosReport {
     let mut _tansu = None;
     let mut proxy = None;
     let cluster = outages_of == Outages::ClusterNode;
+    // A failed run must not leave a node down for the tests after it.
+    let _restore = cluster.then_some(RestoreCluster(broker));
     if cluster {
         match broker {
             Broker::Kafka => s.kafka_brokers = KAFKA_NODES.into(),
@@ -249,6 +267,9 @@ async fn chaos(mode: Mode, broker: Broker, outages_of: Outages) -> ChaosReport {
                 // Stopping and starting a RabbitMQ node takes 10-20 s: the outage runs beside
                 // the other faults, one node at a time (a quorum needs two of three).
                 if node_outage.as_ref().is_none_or(|o| o.is_finished()) {
+                    if let Some(done) = node_outage.take() {
+                        done.await.expect("a node outage failed");
+                    }
                     eprintln!("chaos: stopping {node}");
                     node_outage = Some(tokio::task::spawn_blocking(move || {
                         services(&["stop-node", &node]);

@@ -35,6 +35,26 @@ async fn node_in_use(base: &str, timeout: Duration) -> Option<String> {
     }
 }
 
+/// poll: the longest gap between two consecutive confirmations (`relay_published_at`, set when
+/// the broker confirmed), the relay's own stall; wal marks no rows, so `None`.
+async fn confirmation_stall(db: &TestDb, mode: Mode) -> Option<Duration> {
+    if mode != Mode::Poll {
+        return None;
+    }
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM max(gap))::float8 FROM ( \
+               SELECT relay_published_at - lag(relay_published_at) OVER (ORDER BY relay_published_at) AS gap \
+               FROM outbox WHERE relay_published_at IS NOT NULL) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    row.get::<_, Option<f64>>(0).map(Duration::from_secs_f64)
+}
+
 async fn node_stop_loses_nothing(mode: Mode) {
     let mut s = Scenario::of(mode, Broker::Rabbitmq, "").await;
     let list: Vec<String> = NODES.iter().map(|p| node_url(*p)).collect();
@@ -91,8 +111,9 @@ async fn node_stop_loses_nothing(mode: Mode) {
     let written = writers.await.unwrap();
     let received = reader.read_until(&written, READ_TIMEOUT).await;
     let t = tally(&written, &received);
+    let stall = confirmation_stall(&s.db, mode).await;
     eprintln!(
-        "{mode:?}: RabbitMQ node rabbit-1 (in use) stopped mid-stream; the relay was on {moved:?} {moved_after:?} later: {t:?}"
+        "{mode:?}: RabbitMQ node rabbit-1 (in use) stopped mid-stream; the relay was on {moved:?} {moved_after:?} later; longest gap between confirmations {stall:?}: {t:?}"
     );
     t.assert_complete_and_ordered();
     assert_eq!(

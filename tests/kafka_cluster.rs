@@ -164,7 +164,8 @@ struct Timing {
     longest_stall: Duration,
     /// First receipts between the fault and `back`: events that went through the others.
     during_fault: usize,
-    /// First receipts within each window of the scenario (a broker down).
+    /// Per window of the scenario (a broker down): events committed more than 0.5 s into it and
+    /// received before its end.
     during_each: Vec<usize>,
     /// From `back` until every later event arrived within [`ON_TIME`] of its commit (zero:
     /// they all did from the moment the brokers were back).
@@ -218,9 +219,19 @@ async fn timing(
         .rev()
         .find(|(_, latency)| *latency > ON_TIME)
         .map_or(fault, |(at, _)| *at);
+    // Events committed half a second into the window and received before its end: the relay sent
+    // them while the broker was dead (not ones that were in flight at the kill).
     let during_each = windows
         .iter()
-        .map(|(from, to)| firsts.iter().filter(|(at, _)| at > from && at < to).count())
+        .map(|(from, to)| {
+            let after = *from + Duration::from_millis(500);
+            firsts
+                .iter()
+                .filter(|(at, latency)| {
+                    *at < *to && at.checked_sub(*latency).is_some_and(|c| c > after)
+                })
+                .count()
+        })
         .collect();
     Timing {
         longest_stall,
@@ -296,7 +307,7 @@ async fn broker_killed(mode: Mode) {
     let fault = SystemTime::now();
     let mut windows = Vec::new();
     let mut seen = Vec::new();
-    for (node, port) in NODES {
+    for (node, _) in NODES {
         let before = connections_of(relay.pid());
         let down = SystemTime::now();
         kill_broker(node);
@@ -305,10 +316,6 @@ async fn broker_killed(mode: Mode) {
         let up = SystemTime::now();
         services(&["start-node", node]);
         windows.push((down, up));
-        assert!(
-            !during.contains_key(&port),
-            "the relay still talked to {node} while it was dead? {during:?}"
-        );
         seen.push(format!("{node}: before {before:?}, while down {during:?}"));
     }
     let (t, timing) = finish(&s, reader, writers, fault, "every broker was", &windows).await;

@@ -97,6 +97,34 @@ pub fn services(args: &[&str]) {
     );
 }
 
+/// Starts the relay of `s`, which must stop by itself within `within` with a non-zero exit and
+/// exactly one error line (the start-up error, or an error-level event): that line, and the
+/// whole log.
+pub fn refused_start(s: &Scenario, within: Duration) -> (String, String) {
+    let mut relay = s.start_relay();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.exited() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < within,
+            "the relay kept running for {within:?} instead of stopping at start-up:\n{}",
+            relay.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let logs = relay.logs();
+    assert!(!status.success(), "the relay exited with {status}:\n{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.starts_with("outbox-relay: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{logs}");
+    (errors[0].to_string(), logs.clone())
+}
+
 /// Whether something accepts connections on 127.0.0.1:`port`.
 pub fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

@@ -123,12 +123,22 @@ impl RabbitmqConfig {
                 path.display()
             ))
         })?;
-        native_tls::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+        // Every certificate of the file is trusted, so every one must parse.
+        const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+        let blocks: Vec<&str> = pem.split(BEGIN).skip(1).collect();
+        let not_pem = |why: String| {
             Error::Config(format!(
-                "rabbitmq.tls_ca_file `{}` is not a PEM certificate (-----BEGIN CERTIFICATE-----): {e}",
+                "rabbitmq.tls_ca_file `{}` is not a PEM certificate file ({BEGIN} … -----END CERTIFICATE-----): {why}",
                 path.display()
             ))
-        })?;
+        };
+        if blocks.is_empty() {
+            return Err(not_pem("no certificate in it".into()));
+        }
+        for (i, block) in blocks.iter().enumerate() {
+            native_tls::Certificate::from_pem(format!("{BEGIN}{block}").as_bytes())
+                .map_err(|e| not_pem(format!("certificate {} of {}: {e}", i + 1, blocks.len())))?;
+        }
         Ok(Some(pem))
     }
 
@@ -202,6 +212,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a PEM certificate"), "{err}");
+        let broken = dir.join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = with("amqps://a:5671", broken)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("certificate 1 of 1"), "{err}");
     }
 
     #[test]

@@ -102,14 +102,7 @@ impl AmqpSink {
         let (node, connection) =
             connect_first(&self.nodes, self.ca.as_deref(), self.node, CONNECT_TIMEOUT)
                 .await
-                .map_err(|e| {
-                    // A refused certificate already names its fix.
-                    Error::Broker(if e.contains(TLS_REFUSED) {
-                        e
-                    } else {
-                        format!("{e}; check RELAY_AMQP_URL (host, credentials, vhost)")
-                    })
-                })?;
+                .map_err(Error::Broker)?;
         self.node = node;
         let channel = connection
             .create_channel()
@@ -213,7 +206,9 @@ fn explain_connect_error(url: &Secret, error: &str, ca_set: bool) -> String {
     let at = url.redacted();
     let lower = error.to_ascii_lowercase();
     if !lower.contains("certificate verify failed") {
-        return format!("cannot connect to RabbitMQ at {at}: {error}");
+        return format!(
+            "cannot connect to RabbitMQ at {at}: {error}; check RELAY_AMQP_URL (host, credentials, vhost)"
+        );
     }
     let reason = error
         .rsplit_once('(')
@@ -495,7 +490,7 @@ mod tests {
         let msg = explain_connect_error(&url, "IO error: Connection refused (os error 111)", true);
         assert_eq!(
             msg,
-            "cannot connect to RabbitMQ at amqps://guest:***@localhost:5711/%2f: IO error: Connection refused (os error 111)"
+            "cannot connect to RabbitMQ at amqps://guest:***@localhost:5711/%2f: IO error: Connection refused (os error 111); check RELAY_AMQP_URL (host, credentials, vhost)"
         );
     }
 

@@ -68,9 +68,12 @@ pub async fn require_topics(
     topics: HashSet<String>,
     explicit: bool,
 ) -> Result<(), Error> {
-    let producer: BaseProducer = client_config(config)
-        .create()
-        .map_err(|e| Error::Config(format!("cannot create the Kafka client: {e}")))?;
+    let producer: BaseProducer = client_config(config).create().map_err(|e| {
+        Error::Config(format!(
+            "cannot create the Kafka client: {}",
+            super::client_error(&e)
+        ))
+    })?;
     let brokers = config.brokers.clone();
     let missing = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
         let mut missing = Vec::new();

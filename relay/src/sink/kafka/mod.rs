@@ -30,7 +30,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
-    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+    DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext, ThreadedProducer,
 };
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{info, warn};
@@ -115,24 +115,20 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// A client context that keeps the last error librdkafka reported about its brokers: a failed
+/// A client context that keeps the last error librdkafka reported about its brokers (a
+/// [`Refusal`] before any other): a failed
 /// metadata request says only "broker transport failure", while the reason (a refused TLS
 /// certificate, a failed SASL authentication) is reported to the context. It logs nothing
 /// itself: the start-up error names the reason once.
-/// Error events reach the context when the client is polled: [`LastError::take_from`] polls.
+/// Error events reach the context when the client is polled: it is used with a
+/// [`ThreadedProducer`], whose thread polls all the time.
 #[derive(Default)]
 pub(crate) struct LastError(Mutex<Option<String>>);
 
 impl LastError {
-    /// Serves `client`'s pending events, then takes the last error reported.
-    pub(crate) fn take_from(client: &BaseProducer<LastError>) -> Option<String> {
-        client.poll(Duration::ZERO);
-        client
-            .context()
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+    /// The last error reported since the last call.
+    pub(crate) fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -147,7 +143,11 @@ impl ClientContext for LastError {
         } else {
             reason.to_string()
         };
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A refusal is the reason: the "all brokers are down" that follows it does not hide it.
+        if last.as_deref().and_then(refusal).is_none() || refusal(&reason).is_some() {
+            *last = Some(reason);
+        }
     }
 }
 
@@ -156,13 +156,28 @@ impl ProducerContext for LastError {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
-/// Whether librdkafka's `reason` is a refusal that waiting does not cure: a TLS certificate
-/// or a SASL login.
-fn refused_for_good(reason: &str) -> bool {
+/// A refusal that waiting does not cure, as librdkafka words it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The broker's certificate was not accepted (wrong CA, wrong host name).
+    Certificate,
+    /// The SASL login was refused.
+    Login,
+}
+
+/// Whether librdkafka's `reason` is a [`Refusal`]. A handshake that broke off ("SSL
+/// handshake failed: Disconnected", a broker restarting) is not one.
+fn refusal(reason: &str) -> Option<Refusal> {
     let lower = reason.to_ascii_lowercase();
-    lower.contains("ssl handshake failed")
-        || lower.contains("certificate verify failed")
-        || (lower.contains("sasl") && lower.contains("authentication"))
+    if lower.contains("certificate verify failed") {
+        Some(Refusal::Certificate)
+    } else if lower.contains("sasl authentication error")
+        || lower.contains("sasl scram authentication failed")
+    {
+        Some(Refusal::Login)
+    } else {
+        None
+    }
 }
 
 /// Fetches the cluster's metadata through a client of its own with the sink's settings, for
@@ -175,35 +190,56 @@ async fn check_reachable(client_config: &ClientConfig) -> Result<(), Error> {
         .get("bootstrap.servers")
         .unwrap_or_default()
         .to_string();
-    let client: BaseProducer<LastError> = client_config
+    let client: ThreadedProducer<LastError> = client_config
         .create_with_context(LastError::default())
         .map_err(|e| {
-        Error::Config(format!(
-            "cannot create a Kafka client: {e}; check kafka.properties"
-        ))
-    })?;
+            Error::Config(format!(
+                "cannot create a Kafka client: {}; check kafka.properties",
+                client_error(&e)
+            ))
+        })?;
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + METADATA_TIMEOUT;
-        let mut reason = None;
+        let mut reason: Option<String> = None;
         loop {
-            let attempt = METADATA_TIMEOUT.min(Duration::from_secs(1));
+            let started = Instant::now();
+            let attempt = deadline
+                .saturating_duration_since(started)
+                .min(Duration::from_secs(1));
             let e = match client.client().fetch_metadata(None, attempt) {
                 Ok(_) => return Ok(()),
                 Err(e) => e,
             };
-            reason = LastError::take_from(&client).or(reason);
-            let refused = reason.as_deref().is_some_and(refused_for_good);
-            if refused || Instant::now() >= deadline {
+            // A refusal, once seen, is the reason; later "all brokers down" does not hide it.
+            if let Some(new) = client.context().take()
+                && (reason.as_deref().and_then(refusal).is_none() || refusal(&new).is_some())
+            {
+                reason = Some(new);
+            }
+            if reason.as_deref().and_then(refusal).is_some() || Instant::now() >= deadline {
                 return Err(Error::Broker(explain_unreachable(
                     &brokers,
                     &e.to_string(),
                     reason.as_deref(),
                 )));
             }
+            // A request that failed at once is not sent again at once.
+            std::thread::sleep(attempt.saturating_sub(started.elapsed()));
         }
     })
     .await
     .map_err(|e| Error::Broker(format!("Kafka metadata task failed: {e}")))?
+}
+
+/// A client creation error without the value of the setting it names: that may be a
+/// password (`"sasl.pasword" = "…"`, misspelt, is refused with its value).
+pub(crate) fn client_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, description, key, _) => {
+            format!("{description} (setting `{key}`)")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The start-up message for brokers that did not answer a metadata request (`error`), given
@@ -213,17 +249,14 @@ fn explain_unreachable(brokers: &str, error: &str, reason: Option<&str>) -> Stri
     let Some(reason) = reason else {
         return format!("cannot reach Kafka at {brokers}: {error}; {CHECK}");
     };
-    let lower = reason.to_ascii_lowercase();
-    if !(lower.contains("sasl") && lower.contains("authentication")) && refused_for_good(reason) {
-        format!(
+    match refusal(reason) {
+        Some(Refusal::Certificate) => format!(
             "cannot reach Kafka at {brokers}: the TLS handshake failed ({reason}); set kafka.properties ssl.ca.location to the CA that signed the brokers' certificates, and name the brokers by a host name their certificates hold"
-        )
-    } else if refused_for_good(reason) {
-        format!(
+        ),
+        Some(Refusal::Login) => format!(
             "cannot reach Kafka at {brokers}: SASL authentication failed ({reason}); check kafka.properties sasl.mechanism, sasl.username and sasl.password"
-        )
-    } else {
-        format!("cannot reach Kafka at {brokers}: {error} ({reason}); {CHECK}")
+        ),
+        None => format!("cannot reach Kafka at {brokers}: {error} ({reason}); {CHECK}"),
     }
 }
 
@@ -236,12 +269,16 @@ impl KafkaSink {
         check_reachable(&client_config).await?;
         let producer: FutureProducer = client_config.create().map_err(|e| {
             Error::Config(format!(
-                "cannot create the Kafka producer: {e}; check kafka.properties"
+                "cannot create the Kafka producer: {}; check kafka.properties",
+                client_error(&e)
             ))
         })?;
-        let admin: AdminClient<DefaultClientContext> = client_config
-            .create()
-            .map_err(|e| Error::Config(format!("cannot create the Kafka admin client: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = client_config.create().map_err(|e| {
+            Error::Config(format!(
+                "cannot create the Kafka admin client: {}",
+                client_error(&e)
+            ))
+        })?;
         // The producer learns the cluster now, not with the first batch. The check above
         // found the brokers answering: a failure here (they went away meanwhile) is an error
         // like any other start-up error.
@@ -478,7 +515,8 @@ impl KafkaSink {
                 Ok(())
             }
             Err(e) => Err(PublishError::unavailable(format!(
-                "cannot create a new Kafka producer: {e}"
+                "cannot create a new Kafka producer: {}",
+                client_error(&e)
             ))),
         }
     }
@@ -676,7 +714,26 @@ impl Drop for KafkaSink {
 
 #[cfg(test)]
 mod tests {
-    use super::explain_unreachable;
+    use super::{Refusal, explain_unreachable, refusal};
+
+    #[test]
+    fn only_a_refused_certificate_or_login_ends_the_wait() {
+        assert_eq!(refusal(REFUSED), Some(Refusal::Certificate));
+        assert_eq!(
+            refusal(
+                "sasl_plaintext://b:9104/bootstrap: SASL authentication error: SASL SCRAM authentication failed: broker responded with invalid-proof"
+            ),
+            Some(Refusal::Login)
+        );
+        // A broker restarting mid-handshake is not a refusal.
+        assert_eq!(
+            refusal(
+                "ssl://b:9093/bootstrap: SSL handshake failed: Disconnected: connection reset by peer"
+            ),
+            None
+        );
+        assert_eq!(refusal("1/1 brokers are down"), None);
+    }
 
     /// librdkafka 2.12's report of a certificate it could not verify.
     const REFUSED: &str = "ssl://localhost:9193/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 18ms in state SSL_HANDSHAKE)";

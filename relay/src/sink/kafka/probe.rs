@@ -12,10 +12,10 @@
 
 use std::time::Duration;
 
-use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::producer::{Producer, ThreadedProducer};
 
 use super::config::KafkaConfig;
-use super::{LastError, client_config};
+use super::{LastError, client_config, client_error};
 
 /// How long one check waits for the metadata.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -24,7 +24,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 pub struct KafkaProbe {
     /// Its errors go to the check's result (and the debug log), not to the error log: the
     /// sink reports what is wrong with the brokers.
-    producer: std::sync::Arc<BaseProducer<LastError>>,
+    producer: std::sync::Arc<ThreadedProducer<LastError>>,
 }
 
 impl KafkaProbe {
@@ -35,15 +35,17 @@ impl KafkaProbe {
             .map(|producer| Self {
                 producer: std::sync::Arc::new(producer),
             })
-            .map_err(|e| format!("cannot create a Kafka client: {e}"))
+            .map_err(|e| format!("cannot create a Kafka client: {}", client_error(&e)))
     }
 
     /// `Ok` when a broker answered a metadata request within the timeout.
     pub async fn check(&self) -> Result<(), String> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
+            // The reason of this check, not of an earlier one.
+            producer.context().take();
             let result = producer.client().fetch_metadata(None, TIMEOUT);
-            let reason = LastError::take_from(&producer);
+            let reason = producer.context().take();
             match (result, reason) {
                 (Ok(_), _) => Ok(()),
                 (Err(e), Some(reason)) => Err(format!("{e} ({reason})")),
