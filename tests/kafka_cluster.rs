@@ -264,11 +264,19 @@ async fn start(mode: Mode) -> (Scenario, LiveReader, Relay) {
     (s, reader, relay)
 }
 
-/// ~250 events/s for about 19 s: 30 aggregates, 3 writers.
-fn write(s: &Scenario) -> tokio::task::JoinHandle<Vec<Written>> {
+/// ~250 events/s for about 19 s (`per_aggregate` = 160; 240: 28 s): 30 aggregates, 3 writers.
+fn write(s: &Scenario, per_aggregate: u64) -> tokio::task::JoinHandle<Vec<Written>> {
     let url = s.db.url.clone();
     tokio::spawn(async move {
-        write_events_paced(&url, "wallet", 30, 160, 3, Some(Duration::from_millis(10))).await
+        write_events_paced(
+            &url,
+            "wallet",
+            30,
+            per_aggregate,
+            3,
+            Some(Duration::from_millis(10)),
+        )
+        .await
     })
 }
 
@@ -296,13 +304,13 @@ async fn finish(
     )
 }
 
-/// Each broker in turn is SIGKILLed, left dead for 3 s and started again, while the others
+/// Each broker in turn is SIGKILLed, left dead for 5 s and started again, while the others
 /// run: one of them is the broker the relay produces through, whichever it is.
 async fn broker_killed(mode: Mode) {
     require_cluster();
     let _restore = Restore;
     let (s, reader, relay) = start(mode).await;
-    let writers = write(&s);
+    let writers = write(&s, 240);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fault = SystemTime::now();
     let mut windows = Vec::new();
@@ -311,7 +319,8 @@ async fn broker_killed(mode: Mode) {
         let before = connections_of(relay.pid());
         let down = SystemTime::now();
         kill_broker(node);
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The target: full rate within 5 s of a node loss.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let during = connections_of(relay.pid());
         let up = SystemTime::now();
         services(&["start-node", node]);
@@ -320,7 +329,7 @@ async fn broker_killed(mode: Mode) {
     }
     let (t, timing) = finish(&s, reader, writers, fault, "every broker was", &windows).await;
     eprintln!(
-        "{mode:?}: kafka-1, 2, 3 SIGKILLed in turn mid-stream, each dead for 3 s: {t:?}; {timing:?}; relay connections {seen:?}; {}",
+        "{mode:?}: kafka-1, 2, 3 SIGKILLed in turn mid-stream, each dead for 5 s: {t:?}; {timing:?}; relay connections {seen:?}; {}",
         relay_saw(&relay)
     );
     t.assert_complete_and_ordered();
@@ -337,7 +346,7 @@ async fn all_restarted(mode: Mode) {
     require_cluster();
     let _restore = Restore;
     let (s, reader, relay) = start(mode).await;
-    let writers = write(&s);
+    let writers = write(&s, 160);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fault = SystemTime::now();
     // All at once: `stop-node` waits up to 5 s for tansu to exit on SIGTERM.
