@@ -40,23 +40,12 @@ fn reader(s: &Scenario) -> AnyReader {
     AnyReader::Kafka(r)
 }
 
-async fn deliver_all(s: &Scenario, written: &[Written]) {
-    let mut reader = reader(s);
-    let relay = s.start_relay();
-    let got = reader.read_until(written, READ_TIMEOUT).await;
-    let t = tally(written, &got);
-    if t.missing > 0 {
-        eprintln!("{}", relay.logs());
-    }
-    t.assert_complete_and_ordered();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_with_a_sasl_scram_login_gets_every_event() {
     let s = scenario(PASSWORD).await;
     s.migrate();
     let written = write_events(&s.db.url, "wallet", 4, 25, 2).await;
-    deliver_all(&s, &written).await;
+    relay_delivers_all(&s, &mut reader(&s), &written, READ_TIMEOUT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,5 +64,5 @@ async fn kafka_with_a_wrong_sasl_password_is_refused_with_one_clear_message_and_
     assert!(!logs.contains(WRONG), "the password was printed:\n{logs}");
     // The right password: everything that waited arrives.
     s.extra_toml = s.extra_toml.replace(WRONG, PASSWORD);
-    deliver_all(&s, &written).await;
+    relay_delivers_all(&s, &mut reader(&s), &written, READ_TIMEOUT).await;
 }

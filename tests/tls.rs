@@ -117,36 +117,14 @@ fn kafka_reader(s: &Scenario) -> AnyReader {
 /// start-up check).
 const REFUSED_WITHIN: Duration = Duration::from_secs(8);
 
-/// After a refused start, a relay with the test CA and the right host sends every event that
-/// waited: the refusal lost nothing.
-async fn then_delivered_with_the_right_setup(
-    written: Vec<Written>,
-    s: Scenario,
-    mut reader: AnyReader,
-) {
-    let relay = s.start_relay();
-    let got = reader.read_until(&written, READ_TIMEOUT).await;
-    let t = tally(&written, &got);
-    if t.missing > 0 {
-        eprintln!("{}", relay.logs());
-    }
-    t.assert_complete_and_ordered();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_over_amqps_verified_with_the_test_ca_gets_every_event() {
     let ca = test_ca();
     let s = rabbitmq_scenario("localhost", Some(&ca)).await;
     s.migrate();
     let mut reader = rabbitmq_reader(&s).await;
-    let relay = s.start_relay();
     let written = write_events(&s.db.url, "wallet", 4, 25, 2).await;
-    let got = reader.read_until(&written, READ_TIMEOUT).await;
-    let t = tally(&written, &got);
-    if t.missing > 0 {
-        eprintln!("{}", relay.logs());
-    }
-    t.assert_complete_and_ordered();
+    let relay = relay_delivers_all(&s, &mut reader, &written, READ_TIMEOUT).await;
     assert!(
         relay.logs().contains("localhost:5711"),
         "the relay should log the amqps node it connected to:\n{}",
@@ -170,11 +148,12 @@ async fn rabbitmq_with_another_ca_is_refused_with_one_clear_message_and_loses_no
     );
     assert!(!error.contains("guest:guest"), "{}", error);
     // The same outbox, the test CA: everything that waited arrives.
-    let reader = rabbitmq_reader(&s).await;
+    let mut reader = rabbitmq_reader(&s).await;
     s.extra_toml = s
         .extra_toml
         .replace(&wrong.display().to_string(), &ca.display().to_string());
-    then_delivered_with_the_right_setup(written, s, reader).await;
+    // The refusal lost nothing: a relay set up right sends every event that waited.
+    relay_delivers_all(&s, &mut reader, &written, READ_TIMEOUT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,14 +178,8 @@ async fn kafka_over_tls_verified_with_the_test_ca_gets_every_event() {
     let s = kafka_scenario("localhost", &ca).await;
     s.migrate();
     let mut reader = kafka_reader(&s);
-    let relay = s.start_relay();
     let written = write_events(&s.db.url, "wallet", 4, 25, 2).await;
-    let got = reader.read_until(&written, READ_TIMEOUT).await;
-    let t = tally(&written, &got);
-    if t.missing > 0 {
-        eprintln!("{}", relay.logs());
-    }
-    t.assert_complete_and_ordered();
+    relay_delivers_all(&s, &mut reader, &written, READ_TIMEOUT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,12 +197,13 @@ async fn kafka_with_another_ca_is_refused_with_one_clear_message_and_loses_nothi
         "{}",
         error
     );
-    let reader = kafka_reader(&s);
+    let mut reader = kafka_reader(&s);
     let mut s = s;
     s.extra_toml = s
         .extra_toml
         .replace(&wrong.display().to_string(), &ca.display().to_string());
-    then_delivered_with_the_right_setup(written, s, reader).await;
+    // The refusal lost nothing: a relay set up right sends every event that waited.
+    relay_delivers_all(&s, &mut reader, &written, READ_TIMEOUT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,25 @@ pub fn refused_start(s: &Scenario, within: Duration) -> (String, String) {
     (errors[0].to_string(), logs.clone())
 }
 
+/// Starts the relay of `s` and reads with `reader` until every one of `written` arrived (or
+/// `timeout`): all of them, in order per aggregate, or the relay's log is printed and the test
+/// fails. The relay is returned, still running.
+pub async fn relay_delivers_all(
+    s: &Scenario,
+    reader: &mut AnyReader,
+    written: &[Written],
+    timeout: Duration,
+) -> Relay {
+    let relay = s.start_relay();
+    let got = reader.read_until(written, timeout).await;
+    let t = tally(written, &got);
+    if t.missing > 0 {
+        eprintln!("{}", relay.logs());
+    }
+    t.assert_complete_and_ordered();
+    relay
+}
+
 /// Whether something accepts connections on 127.0.0.1:`port`.
 pub fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
