@@ -96,6 +96,12 @@ impl PgConn {
                     Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
                         let _ = tx.try_send(());
                     }
+                    // A WARNING from the server is the operator's to see (a setting about to
+                    // bite, a slot in trouble); NOTICEs such as "already exists, skipping"
+                    // are routine.
+                    Ok(tokio_postgres::AsyncMessage::Notice(n)) if n.severity() == "WARNING" => {
+                        warn!(warning = %n.message(), detail = n.detail().unwrap_or_default(), "postgres warning")
+                    }
                     Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
                         debug!(notice = %n.message(), "postgres notice")
                     }
