@@ -60,10 +60,15 @@ impl AmqpProbe {
     }
 }
 
+/// AMQP's minimum frame size (4096).
+const PROBE_FRAME_MAX: u32 = 4096;
+
 /// A link to the first node that answers within the timeout (the sink's
 /// [`connect_first`](super::connect_first)); `Err` names each node's error.
 async fn connect_any(nodes: &[Secret], ca: Option<&str>) -> Result<Link, String> {
-    let (_, connection) = super::connect_first(nodes, ca, 0, TIMEOUT).await?;
+    // The probe sends one small round trip at a time: the smallest frame AMQP allows keeps
+    // lapin's two buffers at 128 KiB each.
+    let (_, connection) = super::connect_first(nodes, ca, 0, TIMEOUT, PROBE_FRAME_MAX).await?;
     let channel = tokio::time::timeout(TIMEOUT, connection.create_channel())
         .await
         .map_err(|_| "opening a channel timed out".to_string())?
