@@ -323,3 +323,70 @@ async fn a_binary_payload_is_dead_lettered_byte_for_byte() {
         row.get::<_, String>(1)
     );
 }
+
+/// AMQP carries a message's properties and headers in one frame it cannot split. A row whose
+/// headers would not fit the connection's frame size (16 KiB unless the URL's `frame_max` says
+/// otherwise) would make the broker close the connection at every try: it is dead-lettered
+/// with the fix instead. A row just under the size is delivered, headers intact (so the
+/// relay's estimate of the frame is not below what goes on the wire), and others flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_too_big_for_an_amqp_frame_are_dead_lettered_and_others_flow() {
+    let s = Scenario::of(
+        Mode::Poll,
+        Broker::Rabbitmq,
+        "[delivery]\nmax_attempts = 1\non_dead_letter = \"skip\"\n",
+    )
+    .await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let client = s.db.client().await;
+    let insert = async |aggregate: &str, header_bytes: usize| -> String {
+        let headers = serde_json::json!({ "big": "h".repeat(header_bytes) });
+        client
+            .query_one(
+                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+                 VALUES (gen_random_uuid(), 'wallet', $1, 'Big', '{\"n\": 0}', $2) RETURNING id::text",
+                &[&aggregate, &headers],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let fits = Written {
+        id: insert("fits", 15_800).await,
+        aggregate_id: "fits".into(),
+        n: 0,
+    };
+    let too_big = insert("too-big", 20_000).await;
+    let mut written = write_events(&s.db.url, "wallet", 5, 2, 1).await;
+    written.push(fits.clone());
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    let delivered = got.iter().find(|r| r.id() == fits.id).unwrap();
+    assert_eq!(
+        delivered.headers.get("big").map(String::len),
+        Some(15_800),
+        "the headers arrive intact"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !dead_letters(&s.db).await.is_empty()
+        })
+        .await
+    );
+    let dl = dead_letters(&s.db).await;
+    assert_eq!(
+        dl.len(),
+        1,
+        "only the oversized row is a dead letter: {dl:?}"
+    );
+    assert_eq!(dl[0].0, too_big, "{dl:?}");
+    assert!(
+        dl[0]
+            .1
+            .contains("above the connection's AMQP frame size (16384)")
+            && dl[0].1.contains("frame_max"),
+        "{dl:?}"
+    );
+}

@@ -3,6 +3,7 @@
 //!
 //! Tests whose name starts with `fault_` stop shared services (Postgres, RabbitMQ, the brokers
 //! of `scripts/services kafka-cluster`); the test script runs them one at a time after the rest.
+#![forbid(unsafe_code)]
 
 #[macro_use]
 mod support;

@@ -25,6 +25,7 @@
 //! [`run`] turns the arguments ([`args`]) into the settings and the shared context ([`ctx`]);
 //! [`measure`] runs the phases in order for each source × sink combination ([`combo`]); `main`
 //! writes the report files.
+#![forbid(unsafe_code)]
 
 mod amqp;
 mod args;

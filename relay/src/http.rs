@@ -118,6 +118,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "active": active,
         "role": if active { "active" } else { "standby" },
         "stall": crate::metrics::wal_stall(),
+        "failover_slot": crate::metrics::slot_standbys()
+            .map(|(synced, standbys)| serde_json::json!({ "synced": synced, "standbys": standbys })),
         "broker_node": crate::metrics::broker_node(),
     });
     let status = if ready {

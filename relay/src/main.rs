@@ -25,7 +25,8 @@ fn main() -> ExitCode {
 }
 
 /// One glibc malloc arena for the whole process, unless the operator chose otherwise
-/// (`MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`). glibc gives each thread that allocates an arena
+/// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in
+/// `GLIBC_TUNABLES`). glibc gives each thread that allocates an arena
 /// of its own, up to 8 per core, and memory freed in one is kept there: with the tokio
 /// workers and librdkafka's threads, that was 10–15 MiB of peak RSS more than the heap in
 /// use. Bench (2026-12-04, 200,000-event drains, default settings): peak RSS 39–48 → 32–37
@@ -34,9 +35,8 @@ fn main() -> ExitCode {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn one_malloc_arena() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var_os("GLIBC_TUNABLES").is_some()
-    {
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tuned {
         return;
     }
     // SAFETY: mallopt only sets an allocator parameter, and it runs first in main, before

@@ -45,6 +45,21 @@ pub fn wal_stall() -> Option<String> {
     WAL_STALL.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// Whether a standby of `DATABASE_URL` holds a synced copy of the failover slot, and what
+/// each holds (see `source::wal::housekeeping`), for `/readyz`.
+static SLOT_STANDBYS: std::sync::RwLock<Option<(bool, String)>> = std::sync::RwLock::new(None);
+
+pub fn set_slot_standbys(standbys: Option<(bool, String)>) {
+    *SLOT_STANDBYS.write().unwrap_or_else(|e| e.into_inner()) = standbys;
+}
+
+pub fn slot_standbys() -> Option<(bool, String)> {
+    SLOT_STANDBYS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// The broker node the sink is connected to (RabbitMQ: `host:port` of the node of
 /// `RELAY_AMQP_URL`'s list in use), for `/readyz` and `status`; and how often it changed, so
 /// the engine can notice a change per batch with one atomic load instead of a lock and a copy.

@@ -77,6 +77,9 @@ struct Slot {
     /// What the active relay found stalling its stream, and since when (its progress row).
     stall: Option<String>,
     stall_since: Option<String>,
+    /// What each other host of a multi-host `DATABASE_URL` holds of the slot (a synced
+    /// copy or not), for a failover slot.
+    standbys: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -235,6 +238,7 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 failover: r.get(7),
                 stall: None,
                 stall_since: None,
+                standbys: None,
             },
             None => Slot {
                 name,
@@ -249,8 +253,14 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
                 failover: None,
                 stall: None,
                 stall_since: None,
+                standbys: None,
             },
         });
+        if let Some(slot) = status.slot.as_mut()
+            && slot.failover == Some(true)
+        {
+            slot.standbys = standbys(client, &config.database_url, &slot.name).await;
+        }
         // The stall columns came with a later migration: read them only if the row has them.
         let progress = t.table().sibling("_relay_progress");
         let row = client
@@ -440,6 +450,9 @@ fn render(s: &Status) -> String {
                     .map(|b| format!("{} not yet confirmed", format_bytes(b)))
                     .unwrap_or("-".into()),
             );
+            if let Some(standbys) = &slot.standbys {
+                add("standbys", standbys.clone());
+            }
             if let Some(stall) = &slot.stall {
                 add(
                     "STALLED",
@@ -500,4 +513,19 @@ fn render(s: &Status) -> String {
     let table = render_table(&["", ""], &rows);
     // The header row of a key/value table is empty: drop it.
     table.lines().skip(1).map(|l| format!("{l}\n")).collect()
+}
+
+/// The failover slot's copies on the other hosts of `DATABASE_URL`; `None` with one host.
+async fn standbys(
+    client: &tokio_postgres::Client,
+    url: &crate::config::secret::Secret,
+    slot: &str,
+) -> Option<String> {
+    let hosts = crate::pg::tls::PgTarget::parse(url).ok()?.hosts();
+    if hosts.len() < 2 {
+        return None;
+    }
+    let primary = crate::pg::connected_host(client, &hosts).await.ok();
+    let copies = crate::pg::slot::standby_copies(url, primary.as_ref(), slot).await;
+    Some(crate::pg::slot::describe_copies(&copies))
 }

@@ -99,8 +99,17 @@ impl PgConn {
                     // A WARNING from the server is the operator's to see (a setting about to
                     // bite, a slot in trouble); NOTICEs such as "already exists, skipping"
                     // are routine.
-                    Ok(tokio_postgres::AsyncMessage::Notice(n)) if n.severity() == "WARNING" => {
-                        warn!(warning = %n.message(), detail = n.detail().unwrap_or_default(), "postgres warning")
+                    // (`parsed_severity`: `severity` is translated by the server's lc_messages.)
+                    Ok(tokio_postgres::AsyncMessage::Notice(n))
+                        if n.parsed_severity()
+                            == Some(tokio_postgres::error::Severity::Warning) =>
+                    {
+                        warn!(
+                            warning = %n.message(),
+                            detail = n.detail().unwrap_or_default(),
+                            hint = n.hint().unwrap_or_default(),
+                            "postgres warning"
+                        )
                     }
                     Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
                         debug!(notice = %n.message(), "postgres notice")

@@ -293,3 +293,139 @@ mod tests {
         }
     }
 }
+
+/// What a standby among `DATABASE_URL`'s hosts holds of a failover slot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StandbyCopy {
+    /// A synced copy (Postgres 17+ `synced = t`), as far as `confirmed` (its
+    /// `confirmed_flush_lsn`).
+    Synced { confirmed: Option<String> },
+    /// The slot is there but not synced, or invalidated (the reason).
+    Unusable(String),
+    /// No slot of that name: the standby does not sync it (`sync_replication_slots`, a slot
+    /// of its own on the primary, `hot_standby_feedback`) or has not yet.
+    Missing,
+    /// The server is not a standby (e.g. the primary itself, reached under another name).
+    NotStandby,
+    /// It could not be asked.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for StandbyCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Synced { confirmed } => write!(
+                f,
+                "synced, confirmed LSN {}",
+                confirmed.as_deref().unwrap_or("-")
+            ),
+            Self::Unusable(why) => f.write_str(why),
+            Self::Missing => f.write_str(
+                "no copy of the slot (set sync_replication_slots = on, primary_slot_name and hot_standby_feedback = on on the standby, and dbname in its primary_conninfo)",
+            ),
+            Self::NotStandby => f.write_str("not a standby"),
+            Self::Unreachable(e) => write!(f, "cannot be asked: {e}"),
+        }
+    }
+}
+
+/// Asks every host of `DATABASE_URL` except `primary` (the `(host, port)` the relay is
+/// connected to) what it holds of `slot`, with a short timeout each: the answer to "would a
+/// failover keep the slot?". Empty when the URL names one host.
+pub async fn standby_copies(
+    url: &crate::config::secret::Secret,
+    primary: Option<&(String, u16)>,
+    slot: &str,
+) -> Vec<((String, u16), StandbyCopy)> {
+    let Ok(target) = crate::pg::tls::PgTarget::parse(url) else {
+        return Vec::new();
+    };
+    let hosts = target.hosts();
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    let Ok(tls) = target.connector() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (host, port) in hosts {
+        if primary.is_some_and(|p| p.0 == host && p.1 == port) {
+            continue;
+        }
+        // A config of that one host (tokio-postgres can add hosts to a config, not drop them).
+        let from = &target.config;
+        let mut config = tokio_postgres::Config::new();
+        if let Some(user) = from.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = from.get_password() {
+            config.password(password);
+        }
+        if let Some(db) = from.get_dbname() {
+            config.dbname(db);
+        }
+        config
+            .ssl_mode(from.get_ssl_mode())
+            .host(&host)
+            .port(port)
+            .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any)
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .application_name("outbox-relay");
+        let copy = match config.connect(tls.clone()).await {
+            Err(e) => StandbyCopy::Unreachable(crate::error::describe_pg(&e)),
+            Ok((client, connection)) => {
+                let task = tokio::spawn(connection);
+                let copy = ask_standby(&client, slot).await;
+                drop(client);
+                task.abort();
+                copy
+            }
+        };
+        out.push(((host, port), copy));
+    }
+    out
+}
+
+async fn ask_standby(client: &Client, slot: &str) -> StandbyCopy {
+    let standby = match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+        Ok(row) => row.get::<_, bool>(0),
+        Err(e) => return StandbyCopy::Unreachable(crate::error::describe_pg(&e)),
+    };
+    if !standby {
+        return StandbyCopy::NotStandby;
+    }
+    // `synced` and `invalidation_reason` exist from Postgres 17 on.
+    let row = client
+        .query_opt(
+            "SELECT synced, confirmed_flush_lsn::text, invalidation_reason \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    match row {
+        Err(e) => StandbyCopy::Unreachable(crate::error::describe_pg(&e)),
+        Ok(None) => StandbyCopy::Missing,
+        Ok(Some(row)) => {
+            let synced: bool = row.get(0);
+            let invalidated: Option<String> = row.get(2);
+            match (synced, invalidated) {
+                (_, Some(why)) => StandbyCopy::Unusable(format!("copy invalidated ({why})")),
+                (false, None) => {
+                    StandbyCopy::Unusable("a slot of that name that is not a synced copy".into())
+                }
+                (true, None) => StandbyCopy::Synced {
+                    confirmed: row.get(1),
+                },
+            }
+        }
+    }
+}
+
+/// One line for `status` and `/readyz`: each standby and what it holds.
+pub fn describe_copies(copies: &[((String, u16), StandbyCopy)]) -> String {
+    copies
+        .iter()
+        .map(|((h, p), c)| format!("{h}:{p}: {c}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -295,6 +295,19 @@ fn check_limits(
     Ok(())
 }
 
+/// An upper bound of the content-header frame [`properties`] makes for `event`: frame and
+/// header fields, the short strings with their length bytes, and each header as a short
+/// string name plus a long string value (1 + name, 1 tag + 4 length + value).
+fn header_frame_size(event: &OutboxEvent, wire: &Wire<'_>) -> usize {
+    const FIXED: usize = 8 + 14 + 1 + 8 + 4;
+    let headers: usize = wire
+        .headers
+        .iter()
+        .map(|(k, v)| 1 + k.len() + 1 + 4 + v.len())
+        .sum();
+    FIXED + 1 + event.id.len() + 1 + event.event_type.len() + 1 + wire.content_type.len() + headers
+}
+
 fn properties(event: &OutboxEvent, wire: &Wire<'_>) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (key, value) in &wire.headers {
@@ -360,6 +373,10 @@ impl Sink for AmqpSink {
             }
         };
         let link_in_flight = self.in_flight.clone();
+        let frame_max = self
+            .link
+            .as_ref()
+            .map_or(SINK_FRAME_MAX, |(c, _)| c.configuration().frame_max());
         enum Pending {
             Sent(String, PublisherConfirm, Box<PublishSpan>, InFlight),
             Failed(PublishError),
@@ -406,6 +423,23 @@ impl Sink for AmqpSink {
                 span.traceparent.as_deref(),
                 span.tracestate.as_deref(),
             );
+            let header_frame = header_frame_size(event, &wire);
+            if header_frame > frame_max as usize {
+                // The properties and headers travel in one frame that AMQP cannot split;
+                // the broker would close the connection on it, again at every retry.
+                let error = PublishError::permanent(format!(
+                    "the message's headers and properties take about {header_frame} bytes, above the connection's AMQP frame size ({frame_max}); \
+                     shrink the row's headers, or raise the frame size with `?frame_max=131072` in RELAY_AMQP_URL (up to the broker's frame_max)"
+                ));
+                span.end(
+                    &Err(error.clone()),
+                    &exchange,
+                    &mut PublishTally::new("rabbitmq"),
+                );
+                refused.insert(key);
+                pending.push(Pending::Failed(error));
+                continue;
+            }
             let sent = channel
                 .basic_publish(
                     &exchange,

@@ -22,7 +22,16 @@ pub(super) struct Chores {
     /// command, may have added or released one).
     pub(super) held_loaded: Instant,
     last_cleanup: Instant,
+    /// The failover slot's copies on the standbys are asked about every
+    /// [`STANDBYS_EVERY`], by a task of their own (a standby that does not answer must not
+    /// hold up the stream).
+    standbys_asked: Option<Instant>,
+    standbys_task: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How often the standbys of a multi-host `DATABASE_URL` are asked for their copy of a
+/// failover slot (`/readyz`'s `failover_slot`).
+const STANDBYS_EVERY: Duration = Duration::from_secs(30);
 
 impl Chores {
     pub(super) fn new() -> Self {
@@ -32,11 +41,67 @@ impl Chores {
             progress_saved_at: now,
             held_loaded: now,
             last_cleanup: now,
+            standbys_asked: None,
+            standbys_task: None,
         }
     }
 }
 
 impl WalSource {
+    /// For a failover slot and a `DATABASE_URL` naming standbys: asks them, off the stream,
+    /// whether they hold a synced copy, for `/readyz`; says so in the log when that changes.
+    async fn ask_standbys(&mut self) -> Result<(), Error> {
+        let url = self.config.database_url.clone();
+        let several = crate::pg::tls::PgTarget::parse(&url).is_ok_and(|t| t.hosts().len() > 1);
+        if !several {
+            return Ok(());
+        }
+        let failover: Option<bool> = self
+            .conn
+            .client
+            .query_opt(
+                "SELECT (to_jsonb(s)->>'failover')::bool FROM pg_replication_slots s \
+                 WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| Error::pg("cannot read pg_replication_slots", e))?
+            .and_then(|r| r.get(0));
+        if failover != Some(true) {
+            crate::metrics::set_slot_standbys(None);
+            return Ok(());
+        }
+        let slot = self.slot.clone();
+        self.chores.standbys_task = Some(tokio::spawn(async move {
+            use crate::pg::slot::StandbyCopy;
+            // The primary is among the hosts too; it answers "not a standby".
+            let copies: Vec<_> = crate::pg::slot::standby_copies(&url, None, &slot)
+                .await
+                .into_iter()
+                .filter(|(_, c)| *c != StandbyCopy::NotStandby)
+                .collect();
+            let synced = copies
+                .iter()
+                .any(|(_, c)| matches!(c, StandbyCopy::Synced { .. }));
+            let text = crate::pg::slot::describe_copies(&copies);
+            let before = crate::metrics::slot_standbys();
+            let was_synced = before.as_ref().map(|(s, _)| *s);
+            if was_synced != Some(synced) {
+                if synced {
+                    info!(slot, standbys = %text, "the failover slot has a synced copy on a standby");
+                } else {
+                    tracing::warn!(
+                        slot,
+                        standbys = %text,
+                        "the failover slot has no synced copy on any standby of DATABASE_URL: a failover now would recreate it and publish the gap from the table"
+                    );
+                }
+            }
+            crate::metrics::set_slot_standbys(Some((synced, text)));
+        }));
+        Ok(())
+    }
+
     /// Records the confirmed position in our progress row, if it moved since the last save.
     pub(super) async fn save_progress(&mut self) -> Result<(), Error> {
         let confirmed = self.frontier.confirmed();
@@ -89,6 +154,19 @@ impl WalSource {
                 // An outbox migrated before the stall columns: the log and /readyz still say it.
                 debug!(error = %e, "cannot record the stall in the progress row; run `outbox-relay migrate`");
             }
+        }
+        if self
+            .chores
+            .standbys_asked
+            .is_none_or(|t| t.elapsed() >= STANDBYS_EVERY)
+            && self
+                .chores
+                .standbys_task
+                .as_ref()
+                .is_none_or(|t| t.is_finished())
+        {
+            self.chores.standbys_asked = Some(Instant::now());
+            self.ask_standbys().await?;
         }
         if self.chores.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
             self.chores.last_cleanup = Instant::now();
