@@ -63,10 +63,28 @@ impl PgTarget {
         let raw = url.expose();
         let mut ssl = SslMode::Prefer;
         let mut root_cert = None;
+        let mut primary = false;
         let mut take = |key: &str, value: &str| -> Result<bool, String> {
             match key {
                 "sslmode" => ssl = mode(value)?,
                 "sslrootcert" => root_cert = Some(PathBuf::from(value)),
+                // libpq's values; tokio-postgres knows `any` and `read-write`. `primary` (a
+                // server not in recovery) is what read-write finds too; a standby cannot
+                // serve the relay, which writes.
+                "target_session_attrs" => match value {
+                    "any" | "read-write" => return Ok(false),
+                    "primary" => primary = true,
+                    "read-only" | "standby" | "prefer-standby" => {
+                        return Err(format!(
+                            "target_session_attrs={value} would connect to a standby, but the relay writes (bookkeeping, the slot, marking rows): use target_session_attrs=read-write (or primary)"
+                        ));
+                    }
+                    other => {
+                        return Err(format!(
+                            "target_session_attrs `{other}` is not one of any, read-write, primary"
+                        ));
+                    }
+                },
                 _ => return Ok(false),
             }
             Ok(true)
@@ -80,6 +98,9 @@ impl PgTarget {
                         if !take(k, v).map_err(bad)? {
                             kept.push(pair);
                         }
+                    }
+                    if primary {
+                        kept.push("target_session_attrs=read-write");
                     }
                     if kept.is_empty() {
                         base.to_string()
@@ -96,6 +117,9 @@ impl PgTarget {
                 if !take(k, v.trim_matches('\'')).map_err(bad)? {
                     kept.push(pair);
                 }
+            }
+            if primary {
+                kept.push("target_session_attrs=read-write");
             }
             kept.join(" ")
         };
@@ -266,6 +290,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_session_attrs_primary_is_read_write_and_a_standby_is_refused() {
+        use tokio_postgres::config::TargetSessionAttrs;
+        for url in [
+            "postgresql://u@h1,h2/app?target_session_attrs=primary",
+            "host=h1,h2 dbname=app target_session_attrs=primary",
+        ] {
+            let t = PgTarget::parse(&Secret::new(url)).unwrap();
+            assert_eq!(
+                t.config.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite,
+                "{url}"
+            );
+        }
+        for value in ["prefer-standby", "standby", "read-only"] {
+            let err = PgTarget::parse(&Secret::new(&format!(
+                "postgresql://u@h1,h2/app?target_session_attrs={value}"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("target_session_attrs={value} would connect to a standby"))
+                    && err.contains("use target_session_attrs=read-write"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn several_hosts_need_read_write_and_keep_their_ports() {
