@@ -312,8 +312,9 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(
-                err.contains(&format!("target_session_attrs={value} would connect to a standby"))
-                    && err.contains("use target_session_attrs=read-write"),
+                err.contains(&format!(
+                    "target_session_attrs={value} would connect to a standby"
+                )) && err.contains("use target_session_attrs=read-write"),
                 "{err}"
             );
         }
