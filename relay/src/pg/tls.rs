@@ -306,7 +306,7 @@ mod tests {
             );
         }
         for value in ["prefer-standby", "standby", "read-only"] {
-            let err = PgTarget::parse(&Secret::new(&format!(
+            let err = PgTarget::parse(&Secret::new(format!(
                 "postgresql://u@h1,h2/app?target_session_attrs={value}"
             )))
             .unwrap_err()
