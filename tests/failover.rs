@@ -307,6 +307,55 @@ fn copy_data_dir(from: &Path, to: &Path) {
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
+/// Removes a test's directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stops the servers and removes the directories a test left behind when it was killed (a
+/// nextest timeout: `pg_ctl start` detaches the postmaster, so it outlives the test).
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("relay_failover")
+        {
+            continue;
+        }
+        // Only directories whose test process is gone (tests may run side by side).
+        let owner = std::fs::read_to_string(dir.join("owner.pid")).unwrap_or_default();
+        if Path::new(&format!("/proc/{}", owner.trim())).exists() && !owner.trim().is_empty() {
+            continue;
+        }
+        for server in ["primary", "standby"] {
+            let data = dir.join(server).join("data");
+            if data.join("postmaster.pid").exists() {
+                let version = std::fs::read_to_string(data.join("PG_VERSION")).unwrap_or_default();
+                let root = match version.trim() {
+                    "17" => Pg::V17.root(),
+                    _ => Pg::V15.root(),
+                };
+                let _ = Command::new("runuser")
+                    .args(["-u", "postgres", "--", "env"])
+                    .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
+                    .arg(root.join("bin/pg_ctl"))
+                    .args(["-D", &data.display().to_string(), "-m", "immediate", "stop"])
+                    .output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 fn chown(dir: &Path) {
     let status = Command::new("chown")
         .args(["-R", "postgres:postgres", &dir.display().to_string()])
@@ -343,8 +392,12 @@ async fn ids_in(url: &str) -> HashSet<String> {
 }
 
 async fn failover(pg: Pg, mode: Mode, case: Case) {
+    sweep_stale();
     let root = std::env::temp_dir().join(unique("relay_failover"));
     std::fs::create_dir_all(&root).unwrap();
+    // Dropped last, after the servers (declared later) have stopped, panic or not.
+    let _cleanup = RemoveOnDrop(root.clone());
+    std::fs::write(root.join("owner.pid"), std::process::id().to_string()).unwrap();
     let primary = Server::primary(pg, &root).await;
     if case == Case::Trap {
         // Set before the copy, so the standby (and the server it becomes) has it too.
@@ -614,7 +667,6 @@ async fn failover(pg: Pg, mode: Mode, case: Case) {
     }
     drop(relay);
     drop(standby);
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 for_both_sources! {
