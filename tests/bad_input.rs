@@ -25,6 +25,13 @@ async fn dead_letters(db: &TestDb) -> Vec<(String, String)> {
     dead_letters_of(db, "outbox_dead_letters").await
 }
 
+/// The dead letters once there is at least one, waiting up to `timeout`; fails without one.
+async fn dead_letters_within(db: &TestDb, timeout: Duration) -> Vec<(String, String)> {
+    let any = eventually(timeout, || async { !dead_letters(db).await.is_empty() }).await;
+    assert!(any, "no dead letter within {timeout:?}");
+    dead_letters(db).await
+}
+
 /// A hand-made outbox with text columns: payloads that are not JSON, a NULL aggregate id and
 /// headers that are not an object are dead-lettered at once; good rows flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,13 +236,7 @@ async fn an_event_type_too_long_for_amqp_is_dead_lettered_and_others_flow() {
     let written = write_events(&s.db.url, "wallet", 5, 2, 1).await;
     let got = reader.read_until(&written, READ_TIMEOUT).await;
     tally(&written, &got).assert_complete_and_ordered();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            !dead_letters(&s.db).await.is_empty()
-        })
-        .await
-    );
-    let dl = dead_letters(&s.db).await;
+    let dl = dead_letters_within(&s.db, Duration::from_secs(20)).await;
     assert!(dl[0].1.contains("AMQP allows at most 255"), "{dl:?}");
 }
 
@@ -369,13 +370,7 @@ async fn headers_too_big_for_an_amqp_frame_are_dead_lettered_and_others_flow() {
         Some(15_800),
         "the headers arrive intact"
     );
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            !dead_letters(&s.db).await.is_empty()
-        })
-        .await
-    );
-    let dl = dead_letters(&s.db).await;
+    let dl = dead_letters_within(&s.db, Duration::from_secs(20)).await;
     assert_eq!(
         dl.len(),
         1,

@@ -259,7 +259,7 @@ async fn collect(config: &Config, t: &OpsTable) -> Result<Status, Error> {
         if let Some(slot) = status.slot.as_mut()
             && slot.failover == Some(true)
         {
-            slot.standbys = standbys(client, &config.database_url, &slot.name).await;
+            slot.standbys = standbys(&config.database_url, &slot.name).await;
         }
         // The stall columns came with a later migration: read them only if the row has them.
         let progress = t.table().sibling("_relay_progress");
@@ -516,16 +516,7 @@ fn render(s: &Status) -> String {
 }
 
 /// The failover slot's copies on the other hosts of `DATABASE_URL`; `None` with one host.
-async fn standbys(
-    client: &tokio_postgres::Client,
-    url: &crate::config::secret::Secret,
-    slot: &str,
-) -> Option<String> {
-    let hosts = crate::pg::tls::PgTarget::parse(url).ok()?.hosts();
-    if hosts.len() < 2 {
-        return None;
-    }
-    let primary = crate::pg::connected_host(client, &hosts).await.ok();
-    let copies = crate::pg::slot::standby_copies(url, primary.as_ref(), slot).await;
-    Some(crate::pg::slot::describe_copies(&copies))
+async fn standbys(url: &crate::config::secret::Secret, slot: &str) -> Option<String> {
+    let copies = crate::pg::slot::standby_copies(url, slot).await;
+    (!copies.is_empty()).then(|| crate::pg::slot::describe_copies(&copies))
 }

@@ -329,12 +329,11 @@ impl std::fmt::Display for StandbyCopy {
     }
 }
 
-/// Asks every host of `DATABASE_URL` except `primary` (the `(host, port)` the relay is
-/// connected to) what it holds of `slot`, with a short timeout each: the answer to "would a
-/// failover keep the slot?". Empty when the URL names one host.
+/// Asks every host of `DATABASE_URL` what it holds of `slot`, with a short timeout each: the
+/// answer to "would a failover keep the slot?". The primary (it answers "not a standby") is
+/// left out. Empty when the URL names one host.
 pub async fn standby_copies(
     url: &crate::config::secret::Secret,
-    primary: Option<&(String, u16)>,
     slot: &str,
 ) -> Vec<((String, u16), StandbyCopy)> {
     let Ok(target) = crate::pg::tls::PgTarget::parse(url) else {
@@ -349,9 +348,6 @@ pub async fn standby_copies(
     };
     let mut out = Vec::new();
     for (host, port) in hosts {
-        if primary.is_some_and(|p| p.0 == host && p.1 == port) {
-            continue;
-        }
         // A config of that one host (tokio-postgres can add hosts to a config, not drop them).
         let from = &target.config;
         let mut config = tokio_postgres::Config::new();
@@ -381,7 +377,9 @@ pub async fn standby_copies(
                 copy
             }
         };
-        out.push(((host, port), copy));
+        if copy != StandbyCopy::NotStandby {
+            out.push(((host, port), copy));
+        }
     }
     out
 }

@@ -74,12 +74,7 @@ impl WalSource {
         let slot = self.slot.clone();
         self.chores.standbys_task = Some(tokio::spawn(async move {
             use crate::pg::slot::StandbyCopy;
-            // The primary is among the hosts too; it answers "not a standby".
-            let copies: Vec<_> = crate::pg::slot::standby_copies(&url, None, &slot)
-                .await
-                .into_iter()
-                .filter(|(_, c)| *c != StandbyCopy::NotStandby)
-                .collect();
+            let copies = crate::pg::slot::standby_copies(&url, &slot).await;
             let synced = copies
                 .iter()
                 .any(|(_, c)| matches!(c, StandbyCopy::Synced { .. }));
