@@ -56,12 +56,25 @@ impl Pg {
         }
     }
 
+    /// `program` of the installation at `root`, run as `postgres` with its libraries.
+    fn command(root: &Path, program: &str) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", "env"])
+            .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
+            .arg(root.join("bin").join(program));
+        cmd
+    }
+
+    /// `pg_ctl stop -m immediate` of the server in `data`, whatever its state; best effort.
+    fn stop_immediately(root: &Path, data: &Path) {
+        let _ = Self::command(root, "pg_ctl")
+            .args(["-D", &data.display().to_string(), "-m", "immediate", "stop"])
+            .output();
+    }
+
     fn run(self, program: &str, args: &[&str]) -> std::process::Output {
         let root = self.root();
-        let out = Command::new("runuser")
-            .args(["-u", "postgres", "--", "env"])
-            .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
-            .arg(root.join("bin").join(program))
+        let out = Self::command(&root, program)
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
@@ -254,12 +267,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let root = self.pg.root();
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", "env"])
-            .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
-            .arg(root.join("bin/pg_ctl"))
-            .args(["-D", &self.data(), "-m", "immediate", "stop"])
-            .output();
+        Pg::stop_immediately(&root, &self.dir.join("data"));
     }
 }
 
@@ -344,12 +352,7 @@ fn sweep_stale() {
                     "17" => Pg::V17.root(),
                     _ => Pg::V15.root(),
                 };
-                let _ = Command::new("runuser")
-                    .args(["-u", "postgres", "--", "env"])
-                    .arg(format!("LD_LIBRARY_PATH={}", root.join("lib").display()))
-                    .arg(root.join("bin/pg_ctl"))
-                    .args(["-D", &data.display().to_string(), "-m", "immediate", "stop"])
-                    .output();
+                Pg::stop_immediately(&root, &data);
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
