@@ -82,6 +82,14 @@ async fn node_stop_loses_nothing(mode: Mode) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stopped = Instant::now();
     services(&["stop-node", "rabbit-1"]);
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:5701".parse().unwrap(),
+            Duration::from_secs(1)
+        )
+        .is_err(),
+        "rabbit-1 still accepts connections on 127.0.0.1:5701 after scripts/services stop-node"
+    );
     // Back at full rate on another node while rabbit-1 is down.
     let moved = loop {
         let node = broker_node(&base).await;
@@ -90,8 +98,8 @@ async fn node_stop_loses_nothing(mode: Mode) {
         }
         assert!(
             stopped.elapsed() < Duration::from_secs(30),
-            "the relay did not move to another node within 30 s; relay log:\n{}",
-            relay.logs()
+            "the relay did not move to another node within 30 s of rabbit-1's stop; /readyz broker_node {node:?}; end of the relay log:\n{}",
+            relay.logs_tail(60)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -477,6 +477,21 @@ impl Relay {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The last `n` lines of the log: where a failure message shows what the relay did last
+    /// (CI prints the head of a long message).
+    pub fn logs_tail(&self, n: usize) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        let skipped = lines.len().saturating_sub(n);
+        let mut out = if skipped > 0 {
+            format!("[{skipped} earlier lines left out]\n")
+        } else {
+            String::new()
+        };
+        out.push_str(&lines[skipped..].join("\n"));
+        out
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -328,31 +328,80 @@ fn properties(event: &OutboxEvent, wire: &Wire<'_>) -> BasicProperties {
     props
 }
 
+/// How long an answer may still come once the channel is closed (see [`answer`]).
+const CLOSED_LINK_GRACE: Duration = Duration::from_secs(1);
+/// How often a wait for an answer looks at the channel's state.
+const LINK_CHECK: Duration = Duration::from_millis(250);
+
+/// The broker's answer to one publish, or why there is none.
+enum Answer {
+    Confirmed(Confirmation),
+    /// The connection or channel went away before the answer came.
+    Lost(String),
+    TimedOut,
+}
+
+/// Waits for the answer to one publish, at most `timeout`. lapin fails the confirmations it
+/// holds when the channel closes, but one registered while the channel was closing is never
+/// answered nor failed; it would hold the sink on a dead link (it reconnects only once nothing
+/// is in flight) for the whole `confirm_timeout`. So once the channel is no longer connected,
+/// an answer still missing after [`CLOSED_LINK_GRACE`] counts as lost: nothing can arrive on a
+/// closed channel, and the engine sends the message again.
+async fn answer(confirm: PublisherConfirm, channel: &Channel, timeout: Duration) -> Answer {
+    let deadline = tokio::time::Instant::now() + timeout;
+    tokio::pin!(confirm);
+    let mut closed_since: Option<tokio::time::Instant> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Answer::TimedOut;
+        }
+        if closed_since.is_none() && !channel.status().connected() {
+            closed_since = Some(now);
+        }
+        if let Some(since) = closed_since
+            && now >= since + CLOSED_LINK_GRACE
+        {
+            return Answer::Lost(format!(
+                "the channel closed ({:?}) and RabbitMQ's answer never came",
+                channel.status().state()
+            ));
+        }
+        let wake = deadline.min(now + LINK_CHECK);
+        match tokio::time::timeout_at(wake, &mut confirm).await {
+            Ok(Ok(c)) => return Answer::Confirmed(c),
+            Ok(Err(e)) => return Answer::Lost(e.to_string()),
+            Err(_) => {}
+        }
+    }
+}
+
 /// What the broker's answer to one publish means (see the module docs).
 fn confirmation(
-    answer: Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>,
+    answer: Answer,
     confirm_timeout: Duration,
     exchange: &str,
     routing_key: &str,
 ) -> Result<(), PublishError> {
     match answer {
-        Err(_) => Err(PublishError::unavailable(format!(
+        Answer::TimedOut => Err(PublishError::unavailable(format!(
             "no publisher confirm from RabbitMQ within {confirm_timeout:?}"
         ))),
-        Ok(Err(e)) => Err(PublishError::unavailable(format!(
+        Answer::Lost(e) => Err(PublishError::unavailable(format!(
             "connection lost before RabbitMQ confirmed: {e}"
         ))),
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(returned)))) | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
+        Answer::Confirmed(Confirmation::Ack(None)) => Ok(()),
+        Answer::Confirmed(Confirmation::Ack(Some(returned)))
+        | Answer::Confirmed(Confirmation::Nack(Some(returned))) => {
             Err(PublishError::permanent(format!(
                 "RabbitMQ returned the message as unroutable: exchange `{exchange}` has no queue bound for routing key `{routing_key}` ({} {})",
                 returned.reply_code, returned.reply_text
             )))
         }
-        Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::transient(
+        Answer::Confirmed(Confirmation::Nack(None)) => Err(PublishError::transient(
             "RabbitMQ nacked the message (broker could not take it)",
         )),
-        Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::unavailable(
+        Answer::Confirmed(Confirmation::NotRequested) => Err(PublishError::unavailable(
             "publisher confirms are not enabled on this channel",
         )),
     }
@@ -479,7 +528,7 @@ impl Sink for AmqpSink {
                     Pending::Failed(e) => Err(e),
                     Pending::Sent(routing_key, confirm, span, counted) => {
                         let result = confirmation(
-                            tokio::time::timeout(confirm_timeout, confirm).await,
+                            answer(confirm, &channel, confirm_timeout).await,
                             confirm_timeout,
                             &exchange,
                             &routing_key,
