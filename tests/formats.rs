@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use outbox_client::partitions;
 use outbox_relay::partition;
 
 use crate::support::*;
@@ -366,9 +367,39 @@ async fn rabbitmq_partitions(mode: Mode) {
     })
     .await;
     s.migrate();
+    // The queues come from the consumer helper users get, `outbox_client::partitions`.
+    let queues = {
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+            .await
+            .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                &s.destination,
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let spec = partitions::PartitionedQueues::new(
+            &s.destination,
+            "wallet.{partition}",
+            4,
+            &unique("billing"),
+        );
+        let names = partitions::declare(&channel, &spec).await.unwrap();
+        assert_eq!(names.len(), 4);
+        names
+    };
     let mut readers = Vec::new();
-    for p in 0..4 {
-        readers.push(AnyReader::Amqp(s.amqp_reader(&format!("wallet.{p}")).await));
+    for queue in &queues {
+        readers.push(AnyReader::Amqp(
+            amqp::Reader::on_queue(&s.destination, queue).await,
+        ));
     }
     let relay = s.start_relay();
     let written = write_events(&s.db.url, "wallet", 40, 5, 4).await;

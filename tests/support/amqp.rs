@@ -22,6 +22,8 @@ pub struct Reader {
     url: String,
     /// A quorum queue (replicated over a cluster's nodes) rather than a classic one.
     quorum: bool,
+    /// The reader declares and binds its queue (else it only consumes one declared for it).
+    declares: bool,
     link: Option<(Connection, Channel, Consumer)>,
     seen: Vec<Received>,
 }
@@ -30,6 +32,17 @@ async fn open(r: &Reader) -> lapin::Result<(Connection, Channel, Consumer)> {
     let (exchange, queue, binding) = (&r.exchange, &r.queue, &r.binding);
     let conn = Connection::connect(&r.url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
+    if !r.declares {
+        let consumer = ch
+            .basic_consume(
+                queue,
+                "reader",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        return Ok((conn, ch, consumer));
+    }
     declare_exchange(&ch, exchange).await?;
     let mut args = FieldTable::default();
     if r.quorum {
@@ -95,6 +108,27 @@ impl Reader {
             .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services")
     }
 
+    /// A reader of `queue`, which someone else (a consumer helper under test) declared and
+    /// bound: the reader only consumes it, so a wrong binding shows.
+    pub async fn on_queue(exchange: &str, queue: &str) -> Self {
+        let mut r = Self {
+            exchange: exchange.into(),
+            queue: queue.into(),
+            binding: String::new(),
+            url: AMQP_URL.into(),
+            quorum: false,
+            declares: false,
+            link: None,
+            seen: vec![],
+        };
+        r.link = Some(
+            open(&r)
+                .await
+                .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services"),
+        );
+        r
+    }
+
     /// A reader on the node at `url`, its queue a quorum queue when `quorum`.
     pub async fn bind_on(
         url: &str,
@@ -108,6 +142,7 @@ impl Reader {
             binding: binding.into(),
             url: url.into(),
             quorum,
+            declares: true,
             link: None,
             seen: vec![],
         };
