@@ -85,6 +85,10 @@ pub async fn redeliver(
                 .set("bootstrap.servers", brokers)
                 .set("acks", "all")
                 .set("message.timeout.ms", "15000")
+                // The relay's partitioner (Kafka's murmur2): the copy must land on the
+                // partition of its wallet's other events, behind them and before later ones.
+                // librdkafka's default (CRC32) would put it on another partition, out of order.
+                .set("partitioner", "murmur2_random")
                 .create()?;
             let mut headers = OwnedHeaders::new();
             for (key, value) in &m.headers {
