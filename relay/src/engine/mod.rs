@@ -201,7 +201,48 @@ pub(crate) async fn publish_ordered<K: Sink>(
 }
 
 /// A batch in flight: its events and the broker's answers, once they are in.
-type Flight = BoxFuture<'static, (Vec<OutboxEvent>, Vec<Result<(), PublishError>>)>;
+///
+/// It runs as a task of its own, so the answers are taken as they arrive: their spans end and
+/// `outbox_relay_commit_to_ack_seconds` is recorded at the broker's answer, on the other
+/// worker thread if need be, not whenever the engine loop next awaits its flights (it may be
+/// reading the source, sending, or marking rows in Postgres meanwhile). The engine still
+/// settles flights oldest first. Dropping a flight (the session ends) aborts its task.
+struct Flight(tokio::task::JoinHandle<Landed>);
+
+/// A flight's events and the broker's answer for each.
+type Landed = (Vec<OutboxEvent>, Vec<Result<(), PublishError>>);
+
+impl Flight {
+    fn spawn(future: BoxFuture<'static, Landed>) -> Self {
+        Self(tokio::spawn(future))
+    }
+}
+
+impl std::future::Future for Flight {
+    type Output = Landed;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::pin::Pin::new(&mut self.0).poll(cx) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Ok(answers)) => std::task::Poll::Ready(answers),
+            // Only a panic in a sink's confirmation code gets here (a flight is aborted only
+            // when dropped): it goes on as if the engine had polled the future itself.
+            std::task::Poll::Ready(Err(e)) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => panic!("a flight's task ended without its answers: {e}"),
+            },
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// One session: become the active relay, then keep batches in flight until shutdown or a
 /// source error.
@@ -318,10 +359,10 @@ impl Engine<'_> {
                         "sending batch"
                     );
                     let confirmations = sink.send(&refs).await;
-                    self.flights.push_back(Box::pin(async move {
+                    self.flights.push_back(Flight::spawn(Box::pin(async move {
                         let results = confirmations.await;
                         (to_send, results)
-                    }));
+                    })));
                 }
             }
             if self.flights.is_empty() {

@@ -30,6 +30,11 @@ struct World {
     /// Aggregates with events in an unanswered send, and sends that added to one.
     aggregates_in_flight: HashMap<String, usize>,
     overtaking_sends: usize,
+    /// How long the fake table takes to apply confirmations.
+    confirm_delay: Duration,
+    /// The table is applying confirmations now, and answers that came in meanwhile.
+    confirming: bool,
+    answered_while_confirming: usize,
 }
 
 struct MemorySource {
@@ -98,6 +103,12 @@ impl Source for MemorySource {
     }
 
     async fn confirm(&mut self, events: &[&OutboxEvent]) -> Result<(), Error> {
+        let delay = self.world.lock().unwrap().confirm_delay;
+        if !delay.is_zero() {
+            self.world.lock().unwrap().confirming = true;
+            tokio::time::sleep(delay).await;
+            self.world.lock().unwrap().confirming = false;
+        }
         let mut w = self.world.lock().unwrap();
         for e in events {
             assert!(
@@ -195,6 +206,9 @@ impl Sink for ScriptedSink {
             tokio::time::sleep(delay).await;
             let mut w = world.lock().unwrap();
             w.outstanding -= 1;
+            if w.confirming {
+                w.answered_while_confirming += 1;
+            }
             for a in aggregates {
                 if let Some(n) = w.aggregates_in_flight.get_mut(&a) {
                     *n -= 1;
@@ -253,7 +267,29 @@ async fn run(
     done: impl Fn(&World) -> bool + Send + 'static,
     during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
 ) -> Run {
-    let world = Arc::new(Mutex::new(World::default()));
+    run_in(
+        World::default(),
+        config,
+        events,
+        script,
+        delays,
+        done,
+        during,
+    )
+    .await
+}
+
+/// [`run`] in a world set up by the test (e.g. a slow table).
+async fn run_in(
+    world: World,
+    config: Config,
+    events: Vec<OutboxEvent>,
+    script: Arc<Script>,
+    delays: Vec<Duration>,
+    done: impl Fn(&World) -> bool + Send + 'static,
+    during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
+) -> Run {
+    let world = Arc::new(Mutex::new(world));
     let mut source = MemorySource::new(events.clone(), world.clone());
     let leadership = source.leadership.clone();
     let mut sink = ScriptedSink {
@@ -410,6 +446,38 @@ async fn answers_completing_out_of_order_are_applied_in_source_order() {
     assert_eq!(
         w.overtaking_sends, 0,
         "one aggregate: one batch in flight at a time"
+    );
+}
+
+#[tokio::test]
+async fn answers_are_taken_as_they_arrive_while_the_engine_waits_on_the_table() {
+    // Confirming to the table takes 40 ms, the broker answers in 2: the answers of the other
+    // flights must come in (and be timed, their spans ended) during that wait, not after it.
+    let world = World {
+        confirm_delay: Duration::from_millis(40),
+        ..World::default()
+    };
+    // Every event its own aggregate, so four batches are in flight at once.
+    let names: Vec<String> = (0..400).map(|i| format!("agg-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let run = run_in(
+        world,
+        config(OnDeadLetter::Hold, 3),
+        events(400, &names),
+        ok(),
+        ms(&[2]),
+        |w| w.confirmed.len() == 400,
+        |_, _| {},
+    )
+    .await;
+    assert!(run.result.is_ok());
+    run.assert_in_order();
+    let w = run.world();
+    assert_eq!(w.confirmed.len(), 400);
+    assert!(
+        w.answered_while_confirming > 0,
+        "no answer was taken while the engine confirmed to the table: {} sends",
+        w.sends
     );
 }
 
