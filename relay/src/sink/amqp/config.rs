@@ -36,7 +36,8 @@ pub struct RabbitmqConfig {
     /// partition Kafka's default partitioner picks for the same key): one queue per partition
     /// lets that many consumers work in parallel and keep each aggregate's order.
     pub partitions: Option<u32>,
-    /// How long to wait for a broker confirmation before counting the publish as failed.
+    /// How long to wait for the broker's confirmations of one batch (its messages are
+    /// published together) before counting those still unanswered as failed.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
     /// Largest body the broker takes (RabbitMQ's `max_message_size`, 128 MiB by default);

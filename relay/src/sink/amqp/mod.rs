@@ -341,37 +341,63 @@ enum Answer {
     TimedOut,
 }
 
-/// Waits for the answer to one publish, at most `timeout`. lapin fails the confirmations it
-/// holds when the channel closes, but one registered while the channel was closing is never
-/// answered nor failed; it would hold the sink on a dead link (it reconnects only once nothing
-/// is in flight) for the whole `confirm_timeout`. So once the channel is no longer connected,
-/// an answer still missing after [`CLOSED_LINK_GRACE`] counts as lost: nothing can arrive on a
-/// closed channel, and the engine sends the message again.
-async fn answer(confirm: PublisherConfirm, channel: &Channel, timeout: Duration) -> Answer {
-    let deadline = tokio::time::Instant::now() + timeout;
-    tokio::pin!(confirm);
-    let mut closed_since: Option<tokio::time::Instant> = None;
-    loop {
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Answer::TimedOut;
+/// The limits a batch's answers are awaited under: one `confirm_timeout` for the whole batch
+/// (its messages are awaited one after another; a limit per message would add up to
+/// `batch_size` × `confirm_timeout` with a broker that takes messages and never answers), and
+/// one closed-channel grace, started when the channel is first seen closed.
+struct AnswerWait {
+    deadline: tokio::time::Instant,
+    closed_since: Option<tokio::time::Instant>,
+}
+
+impl AnswerWait {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + timeout,
+            closed_since: None,
         }
-        if closed_since.is_none() && !channel.status().connected() {
-            closed_since = Some(now);
-        }
-        if let Some(since) = closed_since
-            && now >= since + CLOSED_LINK_GRACE
-        {
-            return Answer::Lost(format!(
-                "the channel closed ({:?}) and RabbitMQ's answer never came",
-                channel.status().state()
-            ));
-        }
-        let wake = deadline.min(now + LINK_CHECK);
-        match tokio::time::timeout_at(wake, &mut confirm).await {
-            Ok(Ok(c)) => return Answer::Confirmed(c),
-            Ok(Err(e)) => return Answer::Lost(e.to_string()),
-            Err(_) => {}
+    }
+
+    /// Waits for the answer to one publish. lapin fails the confirmations it holds when the
+    /// channel closes, but one registered while the channel was being closed can be left
+    /// neither answered nor failed; it would hold the sink on a dead link (it reconnects only
+    /// once nothing is in flight) until the deadline. So once the channel is no longer
+    /// connected, an answer still missing after [`CLOSED_LINK_GRACE`] counts as lost: nothing
+    /// can arrive on a closed channel, and the engine sends the message again. An answer that
+    /// is there when a limit passes still counts.
+    async fn answer(&mut self, confirm: PublisherConfirm, channel: &Channel) -> Answer {
+        use futures::FutureExt as _;
+        tokio::pin!(confirm);
+        loop {
+            let now = tokio::time::Instant::now();
+            if self.closed_since.is_none() && !channel.status().connected() {
+                self.closed_since = Some(now);
+            }
+            let gave_up = if now >= self.deadline {
+                Some(Answer::TimedOut)
+            } else {
+                self.closed_since
+                    .filter(|since| now >= *since + CLOSED_LINK_GRACE)
+                    .map(|_| {
+                        Answer::Lost(format!(
+                            "the channel closed ({:?}) and RabbitMQ's answer never came",
+                            channel.status().state()
+                        ))
+                    })
+            };
+            if let Some(gave_up) = gave_up {
+                return match (&mut confirm).now_or_never() {
+                    Some(Ok(c)) => Answer::Confirmed(c),
+                    Some(Err(e)) => Answer::Lost(e.to_string()),
+                    None => gave_up,
+                };
+            }
+            let wake = self.deadline.min(now + LINK_CHECK);
+            match tokio::time::timeout_at(wake, &mut confirm).await {
+                Ok(Ok(c)) => return Answer::Confirmed(c),
+                Ok(Err(e)) => return Answer::Lost(e.to_string()),
+                Err(_) => {}
+            }
         }
     }
 }
@@ -523,12 +549,13 @@ impl Sink for AmqpSink {
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
             let mut tally = PublishTally::new("rabbitmq");
+            let mut wait = AnswerWait::new(confirm_timeout);
             for p in pending {
                 results.push(match p {
                     Pending::Failed(e) => Err(e),
                     Pending::Sent(routing_key, confirm, span, counted) => {
                         let result = confirmation(
-                            answer(confirm, &channel, confirm_timeout).await,
+                            wait.answer(confirm, &channel).await,
                             confirm_timeout,
                             &exchange,
                             &routing_key,
