@@ -373,16 +373,7 @@ async fn rabbitmq_partitions(mode: Mode) {
             .await
             .expect("RabbitMQ reachable at 127.0.0.1:5672; run scripts/services");
         let channel = conn.create_channel().await.unwrap();
-        channel
-            .exchange_declare(
-                &s.destination,
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
+        amqp::declare_exchange(&channel, &s.destination)
             .await
             .unwrap();
         let spec = partitions::PartitionedQueues::new(

@@ -32,42 +32,33 @@ async fn open(r: &Reader) -> lapin::Result<(Connection, Channel, Consumer)> {
     let (exchange, queue, binding) = (&r.exchange, &r.queue, &r.binding);
     let conn = Connection::connect(&r.url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    if !r.declares {
-        let consumer = ch
-            .basic_consume(
-                queue,
-                "reader",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        return Ok((conn, ch, consumer));
+    if r.declares {
+        declare_exchange(&ch, exchange).await?;
+        let mut args = FieldTable::default();
+        if r.quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        ch.queue_declare(
+            queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+        ch.queue_bind(
+            queue,
+            exchange,
+            binding,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     }
-    declare_exchange(&ch, exchange).await?;
-    let mut args = FieldTable::default();
-    if r.quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    ch.queue_declare(
-        queue,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
-    ch.queue_bind(
-        queue,
-        exchange,
-        binding,
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
     let consumer = ch
         .basic_consume(
             queue,
@@ -80,7 +71,7 @@ async fn open(r: &Reader) -> lapin::Result<(Connection, Channel, Consumer)> {
 }
 
 /// The scenario's exchange, declared as the relay declares it (durable topic).
-async fn declare_exchange(ch: &Channel, exchange: &str) -> lapin::Result<()> {
+pub async fn declare_exchange(ch: &Channel, exchange: &str) -> lapin::Result<()> {
     ch.exchange_declare(
         exchange,
         ExchangeKind::Topic,
