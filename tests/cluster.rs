@@ -76,12 +76,20 @@ async fn node_stop_loses_nothing(mode: Mode) {
         relay.logs()
     );
     let url = s.db.url.clone();
+    // About 30 s of writing (3 writers, 3,000 transactions each, 10 ms apart): the stream must
+    // span the node's stop (a graceful `rabbitmqctl stop` takes seconds) and the move to the
+    // next node, which the relay makes when it next sends.
     let writers = tokio::spawn(async move {
-        write_events_paced(&url, "wallet", 30, 60, 3, Some(Duration::from_millis(4))).await
+        write_events_paced(&url, "wallet", 30, 300, 3, Some(Duration::from_millis(10))).await
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stopped = Instant::now();
     services(&["stop-node", "rabbit-1"]);
+    assert!(
+        !writers.is_finished(),
+        "the writers were done before rabbit-1 stopped ({:?} after the stop began): the test would not test a stop mid-stream",
+        stopped.elapsed()
+    );
     assert!(
         std::net::TcpStream::connect_timeout(
             &"127.0.0.1:5701".parse().unwrap(),

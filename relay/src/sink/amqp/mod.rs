@@ -341,8 +341,8 @@ enum Answer {
     TimedOut,
 }
 
-/// The limits a batch's answers are awaited under: one `confirm_timeout` for the whole batch
-/// (its messages are awaited one after another; a limit per message would add up to
+/// The limits a batch's writes and answers are awaited under: one `confirm_timeout` for the
+/// whole batch (its messages are awaited one after another; a limit per message would add up to
 /// `batch_size` × `confirm_timeout` with a broker that takes messages and never answers), and
 /// one closed-channel grace, started when the channel is first seen closed.
 struct AnswerWait {
@@ -358,48 +358,67 @@ impl AnswerWait {
         }
     }
 
-    /// Waits for the answer to one publish. lapin fails the confirmations it holds when the
-    /// channel closes, but one registered while the channel was being closed can be left
-    /// neither answered nor failed; it would hold the sink on a dead link (it reconnects only
-    /// once nothing is in flight) until the deadline. So once the channel is no longer
-    /// connected, an answer still missing after [`CLOSED_LINK_GRACE`] counts as lost: nothing
-    /// can arrive on a closed channel, and the engine sends the message again. An answer that
-    /// is there when a limit passes still counts.
+    /// Waits for the answer to one publish (see [`AnswerWait::watch`]).
     async fn answer(&mut self, confirm: PublisherConfirm, channel: &Channel) -> Answer {
+        match self.watch(confirm, channel).await {
+            Watched::Done(Ok(c)) => Answer::Confirmed(c),
+            Watched::Done(Err(e)) => Answer::Lost(e.to_string()),
+            Watched::Lost(e) => Answer::Lost(e),
+            Watched::TimedOut => Answer::TimedOut,
+        }
+    }
+
+    /// Awaits `work` on `channel` (a publish being written, or its confirmation) under the
+    /// batch's limits. lapin fails what it holds when the channel closes, but a publish written
+    /// or a confirmation registered while the connection was breaking can be left neither done
+    /// nor failed; it would hold the sink on a dead link (it reconnects only once nothing is in
+    /// flight), and a publish whose frames never leave would hold the engine itself. So once the
+    /// channel is no longer connected, `work` still pending after [`CLOSED_LINK_GRACE`] counts
+    /// as lost: nothing can arrive on a closed channel, and the engine sends the message again.
+    /// A result that is there when a limit passes still counts.
+    async fn watch<T, F>(&mut self, work: F, channel: &Channel) -> Watched<T>
+    where
+        F: std::future::Future<Output = Result<T, lapin::Error>>,
+    {
         use futures::FutureExt as _;
-        tokio::pin!(confirm);
+        tokio::pin!(work);
         loop {
             let now = tokio::time::Instant::now();
             if self.closed_since.is_none() && !channel.status().connected() {
                 self.closed_since = Some(now);
             }
             let gave_up = if now >= self.deadline {
-                Some(Answer::TimedOut)
+                Some(Watched::TimedOut)
             } else {
                 self.closed_since
                     .filter(|since| now >= *since + CLOSED_LINK_GRACE)
                     .map(|_| {
-                        Answer::Lost(format!(
+                        Watched::Lost(format!(
                             "the channel closed ({:?}) and RabbitMQ's answer never came",
                             channel.status().state()
                         ))
                     })
             };
             if let Some(gave_up) = gave_up {
-                return match (&mut confirm).now_or_never() {
-                    Some(Ok(c)) => Answer::Confirmed(c),
-                    Some(Err(e)) => Answer::Lost(e.to_string()),
+                return match (&mut work).now_or_never() {
+                    Some(done) => Watched::Done(done),
                     None => gave_up,
                 };
             }
             let wake = self.deadline.min(now + LINK_CHECK);
-            match tokio::time::timeout_at(wake, &mut confirm).await {
-                Ok(Ok(c)) => return Answer::Confirmed(c),
-                Ok(Err(e)) => return Answer::Lost(e.to_string()),
-                Err(_) => {}
+            if let Ok(done) = tokio::time::timeout_at(wake, &mut work).await {
+                return Watched::Done(done);
             }
         }
     }
+}
+
+/// How a watched piece of AMQP work ended (see [`AnswerWait::watch`]).
+enum Watched<T> {
+    Done(Result<T, lapin::Error>),
+    /// The channel closed and the work was left pending.
+    Lost(String),
+    TimedOut,
 }
 
 /// What the broker's answer to one publish means (see the module docs).
@@ -458,6 +477,8 @@ impl Sink for AmqpSink {
         }
         let mut pending = Vec::with_capacity(events.len());
         let mut broken: Option<String> = None;
+        // One set of limits for the whole batch, its writes and its answers.
+        let mut wait = AnswerWait::new(confirm_timeout);
         // Aggregates with an event refused before publishing: their later events wait too.
         let mut refused: hashbrown::HashSet<(&str, &str)> = Default::default();
         for event in events {
@@ -515,18 +536,23 @@ impl Sink for AmqpSink {
                 pending.push(Pending::Failed(error));
                 continue;
             }
-            let sent = channel
-                .basic_publish(
-                    &exchange,
-                    &routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    wire.body.as_deref().unwrap_or_default(),
-                    properties(event, &wire),
-                )
-                .await;
+            let publish = channel.basic_publish(
+                &exchange,
+                &routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                wire.body.as_deref().unwrap_or_default(),
+                properties(event, &wire),
+            );
+            let sent = match wait.watch(publish, &channel).await {
+                Watched::Done(sent) => sent.map_err(|e| e.to_string()),
+                Watched::Lost(e) => Err(e),
+                Watched::TimedOut => Err(format!(
+                    "the message was not written to the connection within rabbitmq.confirm_timeout ({confirm_timeout:?})"
+                )),
+            };
             match sent {
                 Ok(confirm) => {
                     let counted = InFlight::new(&link_in_flight);
@@ -549,7 +575,6 @@ impl Sink for AmqpSink {
         Box::pin(async move {
             let mut results = Vec::with_capacity(pending.len());
             let mut tally = PublishTally::new("rabbitmq");
-            let mut wait = AnswerWait::new(confirm_timeout);
             for p in pending {
                 results.push(match p {
                     Pending::Failed(e) => Err(e),
