@@ -34,6 +34,8 @@ pub struct IncomingEvent {
     pub event_type: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
+    /// The payload JSON; `Null` for a Kafka tombstone (the key with a null value, which the
+    /// relay sends for a NULL payload when `kafka.tombstone_on_null_payload` is set).
     pub payload: serde_json::Value,
     /// Every header of the message, as strings.
     pub headers: BTreeMap<String, String>,
@@ -42,7 +44,19 @@ pub struct IncomingEvent {
 impl IncomingEvent {
     /// Builds the event from its headers and body. `id` and `event_type` are required,
     /// `aggregate_type` and `aggregate_id` default to empty.
-    pub fn from_parts(mut headers: BTreeMap<String, String>, body: &[u8]) -> Result<Self, Error> {
+    pub fn from_parts(headers: BTreeMap<String, String>, body: &[u8]) -> Result<Self, Error> {
+        Self::from_headers_and_body(headers, Some(body))
+    }
+
+    /// Like [`IncomingEvent::from_parts`]; a missing body (a Kafka tombstone) is a `Null`
+    /// payload.
+    pub fn from_headers_and_body(
+        mut headers: BTreeMap<String, String>,
+        body: Option<&[u8]>,
+    ) -> Result<Self, Error> {
+        let Some(body) = body else {
+            return Self::from_headers(headers, serde_json::Value::Null);
+        };
         let structured = headers
             .get("content-type")
             .is_some_and(|c| c.starts_with("application/cloudevents+json"));
@@ -59,6 +73,13 @@ impl IncomingEvent {
         } else {
             serde_json::from_slice(body)?
         };
+        Self::from_headers(headers, payload)
+    }
+
+    fn from_headers(
+        mut headers: BTreeMap<String, String>,
+        payload: serde_json::Value,
+    ) -> Result<Self, Error> {
         for (attribute, header) in CLOUDEVENTS_ATTRIBUTES {
             let value = ["ce_", "ce-"]
                 .iter()
@@ -145,7 +166,7 @@ pub mod kafka {
                 String::from_utf8_lossy(key).into_owned(),
             );
         }
-        IncomingEvent::from_parts(headers, message.payload().unwrap_or_default())
+        IncomingEvent::from_headers_and_body(headers, message.payload())
     }
 
     #[cfg(test)]
@@ -153,6 +174,33 @@ pub mod kafka {
         use opentelemetry::trace::TraceContextExt;
         use rdkafka::Timestamp;
         use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+
+        #[test]
+        fn a_tombstone_is_an_event_with_a_null_payload() {
+            let id = uuid::Uuid::new_v4().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "id",
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "event_type",
+                    value: Some(b"WalletClosed".as_slice()),
+                });
+            let message = OwnedMessage::new(
+                None,
+                Some(b"w-1".to_vec()),
+                "outbox.event.wallet".into(),
+                Timestamp::NotAvailable,
+                0,
+                7,
+                Some(headers),
+            );
+            let event = super::incoming_event(&message).unwrap();
+            assert_eq!(event.id.to_string(), id);
+            assert_eq!(event.aggregate_id, "w-1");
+            assert_eq!(event.payload, serde_json::Value::Null);
+        }
 
         #[test]
         fn a_kafka_message_yields_its_event_and_the_writers_trace() {
