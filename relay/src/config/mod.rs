@@ -259,7 +259,7 @@ impl Default for WalConfig {
             status_interval: std::time::Duration::from_millis(50),
             slot_wait: std::time::Duration::from_secs(30),
             repair_margin: std::time::Duration::from_secs(300),
-            stall_timeout: std::time::Duration::from_secs(20),
+            stall_timeout: std::time::Duration::from_secs(15),
             failover_slot: true,
         }
     }
