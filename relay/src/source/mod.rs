@@ -23,7 +23,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::event::{KeyRef, OutboxEvent};
+use crate::event::{AggregateKey, OutboxEvent};
 use crate::outbox::Outbox;
 use crate::pg::PgConn;
 
@@ -31,11 +31,9 @@ use crate::pg::PgConn;
 /// failure). The engine implements it over its per-aggregate bookkeeping, so a read copies
 /// nothing; `Sync` so that a source's future holding it stays `Send`.
 pub trait Blocked: Sync {
-    fn contains_key(&self, key: KeyRef<'_>) -> bool;
-
-    fn contains(&self, event: &OutboxEvent) -> bool {
-        self.contains_key(KeyRef::of(event))
-    }
+    fn contains(&self, event: &OutboxEvent) -> bool;
+    /// Every blocked aggregate (the polling read leaves them out in SQL).
+    fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
 }
 
 /// What precedes the broker node in the leader session's `application_name`.
