@@ -60,6 +60,15 @@ impl Pg {
         }
     }
 
+    /// The installation of a data directory's `PG_VERSION`.
+    fn of_version(version: &str) -> Self {
+        match version.trim() {
+            "17" => Pg::V17,
+            "18" => Pg::V18,
+            _ => Pg::V15,
+        }
+    }
+
     fn major(self) -> u32 {
         match self {
             Pg::V15 => 15,
@@ -365,11 +374,7 @@ fn sweep_stale() {
             let data = dir.join(server).join("data");
             if data.join("postmaster.pid").exists() {
                 let version = std::fs::read_to_string(data.join("PG_VERSION")).unwrap_or_default();
-                let root = match version.trim() {
-                    "17" => Pg::V17.root(),
-                    "18" => Pg::V18.root(),
-                    _ => Pg::V15.root(),
-                };
+                let root = Pg::of_version(&version).root();
                 Pg::stop_immediately(&root, &data);
             }
         }

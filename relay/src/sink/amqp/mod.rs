@@ -363,7 +363,9 @@ impl AnswerWait {
         match self.watch(confirm, channel).await {
             Watched::Done(Ok(c)) => Answer::Confirmed(c),
             Watched::Done(Err(e)) => Answer::Lost(e.to_string()),
-            Watched::Lost(e) => Answer::Lost(e),
+            Watched::Lost(state) => Answer::Lost(format!(
+                "the channel closed ({state}) and RabbitMQ's answer never came"
+            )),
             Watched::TimedOut => Answer::TimedOut,
         }
     }
@@ -392,12 +394,7 @@ impl AnswerWait {
             } else {
                 self.closed_since
                     .filter(|since| now >= *since + CLOSED_LINK_GRACE)
-                    .map(|_| {
-                        Watched::Lost(format!(
-                            "the channel closed ({:?}) and RabbitMQ's answer never came",
-                            channel.status().state()
-                        ))
-                    })
+                    .map(|_| Watched::Lost(format!("{:?}", channel.status().state())))
             };
             if let Some(gave_up) = gave_up {
                 return match (&mut work).now_or_never() {
@@ -416,7 +413,7 @@ impl AnswerWait {
 /// How a watched piece of AMQP work ended (see [`AnswerWait::watch`]).
 enum Watched<T> {
     Done(Result<T, lapin::Error>),
-    /// The channel closed and the work was left pending.
+    /// The channel closed (in this state) and the work was left pending.
     Lost(String),
     TimedOut,
 }
@@ -548,7 +545,9 @@ impl Sink for AmqpSink {
             );
             let sent = match wait.watch(publish, &channel).await {
                 Watched::Done(sent) => sent.map_err(|e| e.to_string()),
-                Watched::Lost(e) => Err(e),
+                Watched::Lost(state) => Err(format!(
+                    "the channel closed ({state}) before the message was written"
+                )),
                 Watched::TimedOut => Err(format!(
                     "the message was not written to the connection within rabbitmq.confirm_timeout ({confirm_timeout:?})"
                 )),
