@@ -427,16 +427,18 @@ impl Engine<'_> {
                 Err(defect) => {
                     // An earlier event of the aggregate is still to be confirmed (in this batch
                     // or in flight): dead-letter this one later, behind it, not before it.
+                    // Its earlier events are not failures: they are confirmed as usual, and
+                    // being in flight keeps the aggregate out of later reads until then.
                     if !(sending.contains(&key) || self.aggregates.in_flight(KeyRef::from(&key))) {
                         source
                             .dead_letter(&event, &format!("invalid event: {defect}"), 1, hold)
                             .await?;
+                        // The aggregate's later events wait until what it has in flight is back.
+                        self.aggregates
+                            .failed(KeyRef::from(&key), Instant::now(), false);
                     } else {
                         released.push(event);
                     }
-                    // The aggregate's later events wait until what it has in flight is back.
-                    self.aggregates
-                        .failed(KeyRef::from(&key), Instant::now(), false);
                     skipped.insert(key);
                 }
             }

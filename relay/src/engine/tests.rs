@@ -717,3 +717,28 @@ async fn events_the_broker_took_behind_a_failed_one_are_not_confirmed_but_sent_a
         assert_eq!(w.broker.iter().filter(|&&s| s == seq).count(), 2, "{seq}");
     }
 }
+
+#[tokio::test]
+async fn an_invalid_event_behind_a_valid_one_of_its_batch_is_dead_lettered_behind_it() {
+    // x: 1 valid, 3 invalid, 5 valid (y in between). The invalid one waits for 1's answer,
+    // then becomes a dead letter, and 5 follows. It used to block x while 1 was in flight, so
+    // 1's confirmation was thrown away and the same batch was read again, forever.
+    let mut evs = events(6, &["x", "y"]);
+    evs[2].defect = Some("payload is not valid JSON".into());
+    let run = run(
+        config(OnDeadLetter::Skip, 3),
+        evs,
+        ok(),
+        ms(&[1]),
+        |w| w.confirmed.len() == 5,
+        |_, _| {},
+    )
+    .await;
+    assert!(run.result.is_ok());
+    run.assert_in_order();
+    let w = run.world();
+    assert_eq!(w.dead_letters, vec![(3, 1)]);
+    assert_eq!(w.confirmed.len(), 5, "confirmed: {:?}", w.confirmed);
+    let copies_of_1 = w.broker.iter().filter(|&&s| s == 1).count();
+    assert_eq!(copies_of_1, 1, "broker: {:?}", w.broker);
+}

@@ -32,8 +32,11 @@ use crate::pg::PgConn;
 /// nothing; `Sync` so that a source's future holding it stays `Send`.
 pub trait Blocked: Sync {
     fn contains(&self, event: &OutboxEvent) -> bool;
-    /// Every blocked aggregate (the polling read leaves them out in SQL).
+    /// Every blocked aggregate.
     fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
+    /// The blocked aggregates that wait out a failure or a probe, not merely for their events
+    /// in flight: the polling read leaves them out in SQL (and parks the others' rows).
+    fn waiting_keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_>;
 }
 
 /// What precedes the broker node in the leader session's `application_name`.
