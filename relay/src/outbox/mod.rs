@@ -64,6 +64,8 @@ pub struct Outbox {
     past_retention: Option<String>,
     cleanup_sql: Option<String>,
     dead_letter_sql: String,
+    /// Wal mode: the same, forgetting the event's publish attempts in the same statement.
+    wal_dead_letter_sql: String,
     backfill_sql: Option<String>,
     held_sql: String,
     progress: ProgressSql,
@@ -167,6 +169,16 @@ impl Outbox {
             (shape.created_at.as_ref())
                 .map(|ca| format!("{} < now() - $1::text::interval", ca.quoted))
         };
+        let insert = format!(
+            "INSERT INTO {dead_letters} (event_id, relay_seq, aggregate_type, aggregate_id, \
+                 event_type, payload, headers, traceparent, tracestate, created_at, error, \
+                 attempts, holds_aggregate, columns) \
+             VALUES ($2, $1, $3, $4, $5, $6, $7, $8, $9, \
+                 to_timestamp($10::bigint / 1000.0), $11, $12, $13, $14::text::jsonb) \
+             ON CONFLICT (event_id) DO UPDATE SET error = EXCLUDED.error, \
+                 attempts = EXCLUDED.attempts, holds_aggregate = EXCLUDED.holds_aggregate, \
+                 dead_at = now()"
+        );
         Self {
             channel: channel_name(&table),
             lock_key: format!("outbox-relay:{}", table.display()),
@@ -200,19 +212,15 @@ impl Outbox {
             // Poll mode moves the row (delete + insert in one statement); wal mode has no
             // bookkeeping in the table and only records the event.
             dead_letter_sql: format!(
-                "{remove}INSERT INTO {dead_letters} (event_id, relay_seq, aggregate_type, aggregate_id, \
-                     event_type, payload, headers, traceparent, tracestate, created_at, error, \
-                     attempts, holds_aggregate, columns) \
-                 VALUES ($2, $1, $3, $4, $5, $6, $7, $8, $9, \
-                     to_timestamp($10::bigint / 1000.0), $11, $12, $13, $14::text::jsonb) \
-                 ON CONFLICT (event_id) DO UPDATE SET error = EXCLUDED.error, \
-                     attempts = EXCLUDED.attempts, holds_aggregate = EXCLUDED.holds_aggregate, \
-                     dead_at = now()",
+                "{remove}{insert}",
                 remove = if bookkeeping {
                     format!("WITH gone AS (DELETE FROM {table} WHERE relay_seq = $1) ")
                 } else {
                     String::new()
                 },
+            ),
+            wal_dead_letter_sql: format!(
+                "WITH cleared AS (DELETE FROM {attempts} WHERE event_id = $2) {insert}"
             ),
             pending_sql: bookkeeping.then(|| {
                 format!(
@@ -391,6 +399,7 @@ impl Outbox {
         error: &str,
         attempts: i32,
         hold: bool,
+        clear_wal_attempts: bool,
     ) -> Result<(), Error> {
         let headers_json: Option<String> = if event.headers.is_empty() {
             None
@@ -415,7 +424,11 @@ impl Outbox {
         });
         client
             .execute(
-                &self.dead_letter_sql,
+                if clear_wal_attempts {
+                    &self.wal_dead_letter_sql
+                } else {
+                    &self.dead_letter_sql
+                },
                 &[
                     &event.seq,
                     &event.id,

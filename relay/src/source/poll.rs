@@ -355,7 +355,14 @@ impl Source for PollSource {
         hold: bool,
     ) -> Result<(), Error> {
         self.outbox
-            .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
+            .dead_letter(
+                &self.conn.client,
+                event,
+                error,
+                attempts as i32,
+                hold,
+                false,
+            )
             .await?;
         self.out.remove(&event.seq);
         self.nothing_past_blocked = false;

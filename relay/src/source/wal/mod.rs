@@ -283,6 +283,7 @@ impl WalSource {
                         "held: an earlier event of this aggregate is in the dead-letter table",
                         0,
                         true,
+                        false,
                     )
                     .await?;
                 self.settle(event.seq);
@@ -709,14 +710,18 @@ impl Source for WalSource {
         attempts: u32,
         hold: bool,
     ) -> Result<(), Error> {
+        // The dead letter and the end of its attempts row are one statement: a crash between
+        // two would leave the row for the daily chore.
         self.outbox
-            .dead_letter(&self.conn.client, event, error, attempts as i32, hold)
+            .dead_letter(
+                &self.conn.client,
+                event,
+                error,
+                attempts as i32,
+                hold,
+                self.attempts_table,
+            )
             .await?;
-        if self.attempts.contains_key(&event.seq) && self.attempts_table {
-            self.outbox
-                .clear_wal_attempts(&self.conn.client, &[&event.id])
-                .await?;
-        }
         if hold {
             self.held
                 .insert((event.aggregate_type.clone(), event.aggregate_id.clone()));
