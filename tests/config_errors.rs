@@ -457,7 +457,7 @@ async fn the_old_poll_batch_size_env_key_still_works_and_warns_once_that_it_will
         .lines()
         .filter(|l| l.contains("read pending events"))
         .filter_map(|l| {
-            l.split("count=")
+            l.split(" read=")
                 .nth(1)?
                 .split_whitespace()
                 .next()?

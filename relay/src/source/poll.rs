@@ -13,6 +13,8 @@
 //! and the whole backlog of a single hot aggregate for a read that found nothing.
 //! A parked row goes out before any later row of its aggregate, and is dropped (to be read
 //! again, in order) as soon as an earlier row of its aggregate is released or dead-lettered.
+//! With the park full, a read leaves out every blocked aggregate again (walking past their
+//! rows), so an aggregate whose answer is slow to come holds up nobody else.
 //!
 //! Wakes on LISTEN/NOTIFY (the trigger of `migrate` notifies at commit), with
 //! `poll.interval` as the fallback, so latency is milliseconds, not one interval.
