@@ -728,6 +728,69 @@ async fn daemon_retention_cleanup_and_purge_of_dead_letters() {
     );
 }
 
+for_both_sources! {
+    the_retention_cleanup_keeps_up_with_more_than_one_batch_per_interval => retention_cleanup_catches_up;
+}
+
+/// A round of the daemon's cleanup deletes at most 10,000 rows. 25,000 rows past retention
+/// must all go long before the next interval (an hour here): a cleanup paced only by the
+/// interval deletes 10,000 rows per hour and lets a busy outbox grow without end.
+async fn retention_cleanup_catches_up(mode: Mode) {
+    let s = Scenario::of(
+        mode,
+        Broker::Kafka,
+        "[outbox]\nretention = \"1s\"\ncleanup_interval = \"1h\"\n",
+    )
+    .await;
+    s.migrate();
+    // Past retention: published an hour ago (poll), created a day ago (wal: older than any
+    // repair of the slot could need).
+    let (created, columns, published) = match mode {
+        Mode::Poll => (
+            "now() - interval '1 hour'",
+            ", relay_published_at",
+            ", now() - interval '1 hour'",
+        ),
+        Mode::Wal => ("now() - interval '1 day'", "", ""),
+    };
+    s.db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, created_at{columns}) \
+             SELECT gen_random_uuid(), 'wallet', 'old-' || (i % 100), 'Happened', \
+                 jsonb_build_object('n', i), {created}{published} \
+             FROM generate_series(1, 25000) AS i"
+        ))
+        .await
+        .unwrap();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    // Delivery goes on meanwhile.
+    let written = write_events(&s.db.url, "wallet", 5, 20, 1).await;
+    // (wal: the old rows were committed after the slot was made, so they are sent too.)
+    let t = tally(&written, &reader.read_until(&written, READ_TIMEOUT).await);
+    assert_eq!((t.missing, t.order_violations), (0, 0), "{t:?}");
+    let old = || {
+        count(
+            &s.db,
+            "SELECT count(*) FROM outbox WHERE aggregate_id LIKE 'old-%'",
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { old().await == 0 }).await,
+        "{} of 25,000 rows past retention left after 60 s\n{}",
+        old().await,
+        relay.logs()
+    );
+    assert!(
+        relay
+            .logs()
+            .contains("deleted published events past retention"),
+        "{}",
+        relay.logs()
+    );
+}
+
 /// Bad input: one clear message, non-zero exit, nothing changed, nothing sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_one_clear_error_and_changes_nothing() {

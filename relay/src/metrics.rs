@@ -30,6 +30,7 @@ pub const PRODUCER_RENEWED: &str = "outbox_relay_kafka_producer_renewals_total";
 pub const SENT_BEHIND_FAILURE: &str = "outbox_relay_sent_behind_failure_total";
 pub const RETRYING_AGGREGATES: &str = "outbox_relay_retrying_aggregates";
 pub const WAL_STALLED: &str = "outbox_relay_wal_stalled";
+pub const RETENTION_DELETED: &str = "outbox_relay_retention_deleted_total";
 
 /// What stalls the log-tailing stream, for `/readyz` (see `source::wal::stall`).
 static WAL_STALL: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
@@ -143,6 +144,10 @@ pub fn install() -> Result<PrometheusHandle, Error> {
     describe_gauge!(
         WAL_STALLED,
         "1 while the log-tailing stream stalls: connected, the server's WAL moving, nothing sent to the relay"
+    );
+    describe_counter!(
+        RETENTION_DELETED,
+        "Published outbox rows deleted past retention by the daemon's cleanup"
     );
     describe_gauge!(
         RETRYING_AGGREGATES,

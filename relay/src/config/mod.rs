@@ -110,7 +110,9 @@ pub struct OutboxConfig {
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// How often the daemon deletes rows past `retention` (wal: and forgets the publish
-    /// attempts of events that are settled). With `retention` (was `poll.cleanup_interval`).
+    /// attempts of events that are settled). A round deletes up to 10,000 rows; while rounds
+    /// find that many, the next follows after three times the last one's length instead, so
+    /// the cleanup keeps up with a busy outbox. With `retention` (was `poll.cleanup_interval`).
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
 }

@@ -16,11 +16,13 @@ use crate::ident::{QualifiedName, quote};
 
 mod migrate;
 mod progress;
+mod retention;
 mod shape;
 
 pub use migrate::migrate;
 use progress::ProgressSql;
 pub use progress::{PgTimestamp, Progress};
+pub use retention::RetentionCleanup;
 pub use shape::{Column, TableShape};
 
 /// A missing attempts table (not migrated yet) holds nothing to delete.

@@ -34,7 +34,7 @@ use super::{Blocked, Source};
 use crate::config::Config;
 use crate::error::Error;
 use crate::event::{AggregateKey, KeyRef, OutboxEvent, key_of};
-use crate::outbox::{Outbox, PollStatements};
+use crate::outbox::{Outbox, PollStatements, RetentionCleanup};
 use crate::pg::PgConn;
 
 pub struct PollSource {
@@ -42,7 +42,7 @@ pub struct PollSource {
     outbox: Outbox,
     statements: PollStatements,
     config: Config,
-    last_cleanup: Instant,
+    cleanup: RetentionCleanup,
     /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released,
     /// and of those parked.
     out: HashSet<i64>,
@@ -168,19 +168,17 @@ impl PollSource {
     }
 
     async fn maybe_cleanup(&mut self) -> Result<(), Error> {
-        if self.config.outbox.retention.is_zero()
-            || self.last_cleanup.elapsed() < self.config.outbox.cleanup_interval
-        {
+        if self.config.outbox.retention.is_zero() || !self.cleanup.due() {
             return Ok(());
         }
-        self.last_cleanup = Instant::now();
-        let deleted = self
-            .outbox
-            .cleanup(&self.conn.client, self.config.outbox.retention)
+        self.cleanup
+            .run(
+                &self.outbox,
+                &self.conn.client,
+                self.config.outbox.retention,
+                self.config.outbox.cleanup_interval,
+            )
             .await?;
-        if deleted > 0 {
-            info!(deleted, retention = ?self.config.outbox.retention, "deleted published events past retention");
-        }
         Ok(())
     }
 }
@@ -223,7 +221,7 @@ impl Source for PollSource {
             outbox,
             statements,
             config: config.clone(),
-            last_cleanup: Instant::now(),
+            cleanup: RetentionCleanup::new(),
             out: HashSet::new(),
             parked: BTreeMap::new(),
             nothing_past_blocked: false,

@@ -11,6 +11,7 @@ use tracing::{debug, info};
 
 use super::{WalSource, now_ms};
 use crate::error::Error;
+use crate::outbox::RetentionCleanup;
 
 /// When each chore last ran, and the position the progress row holds.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ pub(super) struct Chores {
     /// command, may have added or released one).
     pub(super) held_loaded: Instant,
     last_cleanup: Instant,
+    cleanup: RetentionCleanup,
     /// The failover slot's copies on the standbys are asked about every
     /// [`STANDBYS_EVERY`], by a task of their own (a standby that does not answer must not
     /// hold up the stream).
@@ -41,6 +43,7 @@ impl Chores {
             progress_saved_at: now,
             held_loaded: now,
             last_cleanup: now,
+            cleanup: RetentionCleanup::new(),
             standbys_asked: None,
             standbys_task: None,
         }
@@ -170,21 +173,23 @@ impl WalSource {
                     .clear_stale_wal_attempts(&self.conn.client)
                     .await?;
             }
-            let retention = self.config.outbox.retention;
-            if !retention.is_zero() {
-                // Rows a repair of a lost slot might still need (created after the last
-                // confirmed commit minus the margin) are kept, whatever the retention.
-                let needed_for_repair = Duration::from_millis(
-                    (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
-                ) + self.config.wal.repair_margin;
-                let deleted = self
-                    .outbox
-                    .cleanup(&self.conn.client, retention.max(needed_for_repair))
-                    .await?;
-                if deleted > 0 {
-                    info!(deleted, ?retention, "deleted outbox rows past retention");
-                }
-            }
+        }
+        let retention = self.config.outbox.retention;
+        if !retention.is_zero() && self.chores.cleanup.due() {
+            // Rows a repair of a lost slot might still need (created after the last confirmed
+            // commit minus the margin) are kept, whatever the retention.
+            let needed_for_repair = Duration::from_millis(
+                (now_ms() - self.frontier.confirmed_commit_ms()).max(0) as u64,
+            ) + self.config.wal.repair_margin;
+            self.chores
+                .cleanup
+                .run(
+                    &self.outbox,
+                    &self.conn.client,
+                    retention.max(needed_for_repair),
+                    self.config.outbox.cleanup_interval,
+                )
+                .await?;
         }
         Ok(())
     }
