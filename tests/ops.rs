@@ -783,9 +783,7 @@ async fn retention_cleanup_catches_up(mode: Mode) {
         relay.logs()
     );
     assert!(
-        relay
-            .logs()
-            .contains("deleted published events past retention"),
+        relay.logs().contains("deleted outbox rows past retention"),
         "{}",
         relay.logs()
     );

@@ -147,7 +147,7 @@ pub fn install() -> Result<PrometheusHandle, Error> {
     );
     describe_counter!(
         RETENTION_DELETED,
-        "Published outbox rows deleted past retention by the daemon's cleanup"
+        "Outbox rows deleted past retention by the daemon's cleanup"
     );
     describe_gauge!(
         RETRYING_AGGREGATES,

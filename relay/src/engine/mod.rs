@@ -8,7 +8,7 @@
 //! ```
 //!
 //! While fewer than `max_in_flight` batches are out, the engine waits for answers only
-//! [`ASK_AGAIN_AFTER`] before it asks the source again: a source that found nothing to send
+//! `ASK_AGAIN_AFTER` (50 ms) before it asks the source again: a source that found nothing to send
 //! because what it read waits behind events in flight (poll parks such rows, and once its park
 //! is full reads past them) gets to read on, so the free flights go to other aggregates while
 //! one batch's answer is slow.

@@ -1,6 +1,7 @@
 //! The engine against an in-memory source and a scripted sink: ordering, failure isolation,
 //! hold/skip, answers that complete out of order, lost leadership and shutdown, without
-//! services. (The same rules are tested against real brokers in `tests/`.)
+//! services. (The same rules are tested against real brokers in `tests/`.) `with_postgres`
+//! runs the engine with the real polling source against the tests' Postgres.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

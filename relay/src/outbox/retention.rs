@@ -3,18 +3,18 @@
 //! One round deletes at most [`CLEANUP_BATCH`] rows, so each transaction stays short. A round
 //! every `cleanup_interval` alone would cap the cleanup at 10,000 rows per interval (167 rows/s
 //! at the default 60 s), far below what a busy outbox takes in: the table would grow for ever.
-//! So while a round deletes a full batch, the next one runs as soon as the source has had the
-//! connection for [`BEHIND_SHARE`] times as long as the round took (at most three quarters of
-//! its time goes to delivery's reads and confirmations, at least a quarter to the cleanup), and
-//! the interval applies again once a round finds fewer rows than a batch.
+//! So while a round deletes a full batch, the next one follows after [`BEHIND_SHARE`] times the
+//! round's length (the cleanup gets at most a quarter of the connection's time, delivery at
+//! least three quarters), and the interval applies again once a round finds fewer rows than a
+//! batch. A round that fails is logged and tried again after the interval: deleting old rows
+//! never stops delivery.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{CLEANUP_BATCH, Outbox};
-use crate::error::Error;
 
 /// While behind, the pause before the next round is this many times the last round's length.
 const BEHIND_SHARE: u32 = 3;
@@ -54,34 +54,76 @@ impl RetentionCleanup {
     }
 
     /// Runs one round: deletes up to [`CLEANUP_BATCH`] rows past `retention` and schedules
-    /// the next round. Returns how many rows it deleted.
+    /// the next round. Returns how many rows it deleted (0 when it failed: logged).
     pub async fn run(
         &mut self,
         outbox: &Outbox,
         client: &Client,
         retention: Duration,
         interval: Duration,
-    ) -> Result<u64, Error> {
+    ) -> u64 {
         let started = Instant::now();
-        // A failed round is tried again after the interval, not on every loop.
-        self.next = started + interval;
-        let deleted = outbox.cleanup(client, retention).await?;
-        let behind = deleted >= CLEANUP_BATCH;
-        if behind {
-            self.next = Instant::now() + (started.elapsed() * BEHIND_SHARE).min(interval);
-        }
+        let deleted = match outbox.cleanup(client, retention).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?interval, "retention cleanup failed; delivery goes on");
+                0
+            }
+        };
+        self.next = next_round(started, Instant::now(), deleted, interval);
         metrics::counter!(crate::metrics::RETENTION_DELETED).increment(deleted);
         self.unlogged += deleted;
+        let behind = deleted >= CLEANUP_BATCH;
         if self.unlogged > 0 && (!behind || self.logged_at.elapsed() >= LOG_EVERY) {
             info!(
                 deleted = self.unlogged,
                 ?retention,
                 behind,
-                "deleted published events past retention"
+                "deleted outbox rows past retention"
             );
             self.unlogged = 0;
             self.logged_at = Instant::now();
         }
-        Ok(deleted)
+        deleted
+    }
+}
+
+/// When the round after one that ran from `started` to `now` and deleted `deleted` rows is due.
+fn next_round(started: Instant, now: Instant, deleted: u64, interval: Duration) -> Instant {
+    if deleted >= CLEANUP_BATCH {
+        now + ((now - started) * BEHIND_SHARE).min(interval)
+    } else {
+        started + interval
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behind_the_next_round_follows_after_three_times_the_last_and_the_interval_applies_again_once_caught_up()
+     {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(60);
+        let took = Duration::from_millis(200);
+        let t1 = t0 + took;
+        // A full batch: 600 ms later, not a minute.
+        assert_eq!(
+            next_round(t0, t1, CLEANUP_BATCH, interval),
+            t1 + Duration::from_millis(600)
+        );
+        // Never later than the interval, however long the round took.
+        let slow = t0 + Duration::from_secs(30);
+        assert_eq!(
+            next_round(t0, slow, CLEANUP_BATCH, interval),
+            slow + interval
+        );
+        // Fewer rows than a batch (caught up), or a failed round (0): the interval again.
+        assert_eq!(
+            next_round(t0, t1, CLEANUP_BATCH - 1, interval),
+            t0 + interval
+        );
+        assert_eq!(next_round(t0, t1, 0, interval), t0 + interval);
     }
 }

@@ -189,7 +189,7 @@ impl WalSource {
                     retention.max(needed_for_repair),
                     self.config.outbox.cleanup_interval,
                 )
-                .await?;
+                .await;
         }
         Ok(())
     }
