@@ -1,7 +1,6 @@
 //! The engine against an in-memory source and a scripted sink: ordering, failure isolation,
 //! hold/skip, answers that complete out of order, lost leadership and shutdown, without
-//! services. (The same rules are tested against real brokers in `tests/`.) `with_postgres`
-//! runs the engine with the real polling source against the tests' Postgres.
+//! services. (The same rules are tested against real brokers in `tests/`.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,8 +11,6 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::event::{AggregateKey, OutboxEvent};
 use crate::source::Blocked;
-
-mod with_postgres;
 
 /// What the fake broker and the fake table saw, shared with the test.
 #[derive(Debug, Default)]
