@@ -383,8 +383,7 @@ impl Engine<'_> {
                 }
                 continue;
             }
-            let answer = self.flights.next().await;
-            let Some((events, results)) = answer else {
+            let Some((events, results)) = self.flights.next().await else {
                 continue;
             };
             self.settle(source, &events, results, backoff).await?;

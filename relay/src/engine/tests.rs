@@ -290,26 +290,8 @@ async fn run_in(
     during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
 ) -> Run {
     let world = Arc::new(Mutex::new(world));
-    let source = MemorySource::new(events.clone(), world.clone());
-    let result = run_source(source, world.clone(), config, script, delays, done, during).await;
-    Run {
-        world,
-        result,
-        events,
-    }
-}
-
-/// Runs the engine over `source` until `done(world)` holds (or 10 s pass), then shuts it down.
-async fn run_source<S: Source>(
-    mut source: S,
-    world: Arc<Mutex<World>>,
-    config: Config,
-    script: Arc<Script>,
-    delays: Vec<Duration>,
-    done: impl Fn(&World) -> bool + Send + 'static,
-    during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
-) -> Result<(), Error> {
-    let leadership = source.leadership_lost();
+    let mut source = MemorySource::new(events.clone(), world.clone());
+    let leadership = source.leadership.clone();
     let mut sink = ScriptedSink {
         script,
         sends: HashMap::new(),
@@ -349,7 +331,11 @@ async fn run_source<S: Source>(
     .await
     .expect("the engine stops after shutdown");
     watcher.abort();
-    result
+    Run {
+        world,
+        result,
+        events,
+    }
 }
 
 fn ok() -> Arc<Script> {

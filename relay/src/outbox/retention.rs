@@ -54,14 +54,14 @@ impl RetentionCleanup {
     }
 
     /// Runs one round: deletes up to [`CLEANUP_BATCH`] rows past `retention` and schedules
-    /// the next round. Returns how many rows it deleted (0 when it failed: logged).
+    /// the next round. A failure is logged; the next round comes after the interval.
     pub async fn run(
         &mut self,
         outbox: &Outbox,
         client: &Client,
         retention: Duration,
         interval: Duration,
-    ) -> u64 {
+    ) {
         let started = Instant::now();
         let deleted = match outbox.cleanup(client, retention).await {
             Ok(n) => n,
@@ -84,7 +84,6 @@ impl RetentionCleanup {
             self.unlogged = 0;
             self.logged_at = Instant::now();
         }
-        deleted
     }
 }
 

@@ -22,7 +22,8 @@ pub(super) struct Chores {
     /// The held aggregates are reloaded every few seconds (another instance, or an operator
     /// command, may have added or released one).
     pub(super) held_loaded: Instant,
-    last_cleanup: Instant,
+    /// Publish attempts of settled events are forgotten every `outbox.cleanup_interval`.
+    attempts_cleared: Instant,
     cleanup: RetentionCleanup,
     /// The failover slot's copies on the standbys are asked about every
     /// [`STANDBYS_EVERY`], by a task of their own (a standby that does not answer must not
@@ -42,7 +43,7 @@ impl Chores {
             saved: Lsn(0),
             progress_saved_at: now,
             held_loaded: now,
-            last_cleanup: now,
+            attempts_cleared: now,
             cleanup: RetentionCleanup::new(),
             standbys_asked: None,
             standbys_task: None,
@@ -166,8 +167,8 @@ impl WalSource {
             self.chores.standbys_asked = Some(Instant::now());
             self.ask_standbys().await?;
         }
-        if self.chores.last_cleanup.elapsed() >= self.config.outbox.cleanup_interval {
-            self.chores.last_cleanup = Instant::now();
+        if self.chores.attempts_cleared.elapsed() >= self.config.outbox.cleanup_interval {
+            self.chores.attempts_cleared = Instant::now();
             if self.attempts_table {
                 self.outbox
                     .clear_stale_wal_attempts(&self.conn.client)
