@@ -95,6 +95,17 @@ async fn postgres_restart(mode: Mode) {
 
 /// A relay that talks to librdkafka's mock cluster over TCP, like a real broker, and two
 /// writers committing `per_aggregate` events for each of 20 aggregates.
+///
+/// The relay's producer keeps one Produce request in flight per connection here. The mock
+/// checks an idempotent producer's sequence numbers only for transactional producers
+/// (`rd_kafka_mock_validate_records` returns early without a transactional id), so it writes
+/// a request that follows one it failed. A real broker refuses it (`OUT_OF_ORDER_SEQUENCE_NUMBER`)
+/// and librdkafka sends both again in order; after the mock's success, librdkafka takes the
+/// failed request's messages as written ("implicitly acked by subsequent batch success") and
+/// reports them delivered although the mock never wrote them. With several requests in flight
+/// this test lost 1-2 events in most runs, every one acked that way (librdkafka's
+/// `IMPLICITACK` debug line), and got aggregates out of order. Real brokers, with the default
+/// of 5 requests in flight, are covered by the tansu outage tests and the chaos suite.
 async fn start_against_mock_kafka(
     mode: Mode,
     cluster: &MockCluster<'static, DefaultProducerContext>,
@@ -109,7 +120,7 @@ async fn start_against_mock_kafka(
     .await;
     s.kafka_brokers = cluster.bootstrap_servers();
     s.extra_toml.push_str(&format!(
-        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\n{kafka_toml}",
+        "[kafka]\ntopic = \"{}.{{aggregate_type}}\"\n{kafka_toml}[kafka.properties]\n\"max.in.flight.requests.per.connection\" = \"1\"\n",
         s.destination
     ));
     cluster.create_topic(&s.topic("wallet"), 3, 1).unwrap();
@@ -151,7 +162,10 @@ async fn mock_kafka_outage(mode: Mode) {
     let received = reader.read_until(&written, READ_TIMEOUT).await;
     let t = tally(&written, &received);
     eprintln!("{mode:?}: mock Kafka broker down 5 s + 20 Produce errors: {t:?}");
-    t.assert_complete_and_ordered();
+    // A message that timed out in librdkafka's queue may be followed by a younger one of its
+    // aggregate that did not: the relay never confirms the younger one and sends it again
+    // behind the older one's retry.
+    t.assert_complete_with_in_order_copies();
     assert!(
         relay.logs().contains("the broker is unavailable; pausing"),
         "the outage never reached the relay, so the test proved nothing: {}",
@@ -181,17 +195,9 @@ async fn mock_kafka_fenced_producer(mode: Mode) {
     let received = reader.read_until(&written, READ_TIMEOUT).await;
     let t = tally(&written, &received);
     eprintln!("{mode:?}: mock Kafka fenced the producer: {t:?}");
-    // The fenced Produce request fails its messages while later requests of the same batch
-    // may still be written: the mock, unlike a real broker, does not refuse them as out of
-    // sequence. Those events were sent behind a failure of their aggregate; the relay never
-    // confirms them and sends them again behind it, so every first delivery that overtook an
-    // earlier event is followed by a copy in order: such overtakes are at most the duplicates.
-    assert_eq!(t.missing, 0, "events lost: {t:?}");
-    assert_eq!(t.unexpected, 0, "{t:?}");
-    assert!(
-        t.order_violations <= t.duplicates,
-        "an event overtook an earlier one and was never sent again behind it: {t:?}"
-    );
+    // Whatever the broker wrote ahead of a failed event of its aggregate must come again
+    // behind that event's re-send.
+    t.assert_complete_with_in_order_copies();
     assert!(
         relay
             .logs()

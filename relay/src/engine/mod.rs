@@ -7,6 +7,12 @@
 //!     └── Postgres lost (global backoff)      broker unavailable: pause, drain, global backoff
 //! ```
 //!
+//! While fewer than `max_in_flight` batches are out, the engine waits for answers only
+//! `ASK_AGAIN_AFTER` (50 ms) before it asks the source again: a source that found nothing to send
+//! because what it read waits behind events in flight (poll parks such rows, and once its park
+//! is full reads past them) gets to read on, so the free flights go to other aggregates while
+//! one batch's answer is slow.
+//!
 //! **At least once.** An event is confirmed to the source only after the broker confirmed it.
 //! Batches are settled oldest first, so confirmations reach the source in source order (poll:
 //! marked or deleted; wal: the frontier moves over whole transactions, see
@@ -55,7 +61,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use self::aggregates::{AggregateKey, Aggregates, KeyRef, key_of};
 use crate::config::{Config, DeliveryConfig, OnDeadLetter, SourceKind};
@@ -66,6 +72,10 @@ use crate::sink::{AnySink, Sink};
 use crate::source::Source;
 use crate::source::poll::PollSource;
 use crate::source::wal::WalSource;
+
+/// How long the engine waits for answers, with room for another batch in flight, before it
+/// asks the source again for events.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(50);
 
 /// Exponential backoff with jitter that never gives up; `reset` after a success.
 pub struct Backoff {
@@ -383,7 +393,23 @@ impl Engine<'_> {
                 }
                 continue;
             }
-            let Some((events, results)) = self.flights.next().await else {
+            // With room for another batch, the answers are awaited only for a while: a source
+            // may have found nothing to send only because what it read is behind events in
+            // flight (poll parks such rows), and asked again it reads on, past them, so one
+            // batch whose answer is slow does not hold up the rest of the outbox.
+            let room = self.flights.len() < max_in_flight
+                && !stopping
+                && !leadership.is_cancelled()
+                && self.paused_until.is_none();
+            let answer = if room {
+                match tokio::time::timeout(ASK_AGAIN_AFTER, self.flights.next()).await {
+                    Ok(answer) => answer,
+                    Err(_) => continue,
+                }
+            } else {
+                self.flights.next().await
+            };
+            let Some((events, results)) = answer else {
                 continue;
             };
             self.settle(source, &events, results, backoff).await?;
@@ -469,6 +495,7 @@ impl Engine<'_> {
                 .next()
                 .unwrap_or_else(|| Err(PublishError::transient("no answer from the sink")));
             let key = KeyRef::of(event);
+            trace!(event_id = %event.id, aggregate_id = %event.aggregate_id, ok = result.is_ok(), "answer");
             self.aggregates.answered(key);
             if self.aggregates.is_blocked(key) {
                 // Behind a failed event of its aggregate: read again and sent after it.

@@ -1,6 +1,7 @@
 //! The engine against an in-memory source and a scripted sink: ordering, failure isolation,
 //! hold/skip, answers that complete out of order, lost leadership and shutdown, without
-//! services. (The same rules are tested against real brokers in `tests/`.)
+//! services. (The same rules are tested against real brokers in `tests/`.) `with_postgres`
+//! runs the engine with the real polling source against the tests' Postgres.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::event::{AggregateKey, OutboxEvent};
 use crate::source::Blocked;
+
+mod with_postgres;
 
 /// What the fake broker and the fake table saw, shared with the test.
 #[derive(Debug, Default)]
@@ -290,8 +293,26 @@ async fn run_in(
     during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
 ) -> Run {
     let world = Arc::new(Mutex::new(world));
-    let mut source = MemorySource::new(events.clone(), world.clone());
-    let leadership = source.leadership.clone();
+    let source = MemorySource::new(events.clone(), world.clone());
+    let result = run_source(source, world.clone(), config, script, delays, done, during).await;
+    Run {
+        world,
+        result,
+        events,
+    }
+}
+
+/// Runs the engine over `source` until `done(world)` holds (or 10 s pass), then shuts it down.
+async fn run_source<S: Source>(
+    mut source: S,
+    world: Arc<Mutex<World>>,
+    config: Config,
+    script: Arc<Script>,
+    delays: Vec<Duration>,
+    done: impl Fn(&World) -> bool + Send + 'static,
+    during: impl FnOnce(&CancellationToken, &CancellationToken) + Send + 'static,
+) -> Result<(), Error> {
+    let leadership = source.leadership_lost();
     let mut sink = ScriptedSink {
         script,
         sends: HashMap::new(),
@@ -331,11 +352,7 @@ async fn run_in(
     .await
     .expect("the engine stops after shutdown");
     watcher.abort();
-    Run {
-        world,
-        result,
-        events,
-    }
+    result
 }
 
 fn ok() -> Arc<Script> {

@@ -52,6 +52,11 @@ pub struct PollSource {
     /// A read past every blocked aggregate found nothing, and nothing has changed since (no
     /// commit notified, no answer applied): the next one would walk the same rows for nothing.
     nothing_past_blocked: bool,
+    /// When a read found no row, and how many aggregates were waiting out a failure then. The
+    /// engine asks again every few tens of ms while a batch's answer is slow; until something
+    /// changes (a commit notified, an answer applied, an aggregate's wait over) or
+    /// `poll.interval` passes, the answer is the same without a read.
+    found_nothing: Option<(Instant, usize)>,
 }
 
 /// Most rows parked, in batches of `delivery.batch_size`.
@@ -170,6 +175,7 @@ impl PollSource {
     /// A commit was notified or an answer applied: reads may find what they did not before.
     fn changed(&mut self) {
         self.nothing_past_blocked = false;
+        self.found_nothing = None;
     }
 
     async fn maybe_cleanup(&mut self) -> Result<(), Error> {
@@ -230,6 +236,7 @@ impl Source for PollSource {
             out: HashSet::new(),
             parked: BTreeMap::new(),
             nothing_past_blocked: false,
+            found_nothing: None,
         })
     }
 
@@ -272,8 +279,17 @@ impl Source for PollSource {
             // never overtakes a parked row of its aggregate).
             if batch.len() < max {
                 if self.parked.len() < park_limit {
-                    self.read(max, &mut batch, park_limit, blocked, false)
-                        .await?;
+                    let waiting = blocked.waiting_keys().count();
+                    let same_as_last = wait_until.is_none()
+                        && self.found_nothing.is_some_and(|(at, w)| {
+                            w == waiting && at.elapsed() < self.config.poll.interval
+                        });
+                    if !same_as_last {
+                        let read = self
+                            .read(max, &mut batch, park_limit, blocked, false)
+                            .await?;
+                        self.found_nothing = (read == 0).then(|| (Instant::now(), waiting));
+                    }
                 } else if !self.nothing_past_blocked {
                     // The park is full of rows of aggregates in flight: read past them (leaving
                     // every blocked aggregate out in SQL), so the rest of the outbox is not held

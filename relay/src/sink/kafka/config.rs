@@ -18,13 +18,12 @@ use crate::error::Error;
 use crate::template::Template;
 
 /// librdkafka settings `kafka.properties` may not change: at-least-once and per-aggregate order
-/// depend on `acks=all` and the idempotent producer (which keeps order with at most 5 requests
-/// in flight per connection).
-pub const GUARDED_PROPERTIES: [&str; 3] = [
-    "acks",
-    "enable.idempotence",
-    "max.in.flight.requests.per.connection",
-];
+/// depend on `acks=all` and the idempotent producer.
+pub const GUARDED_PROPERTIES: [&str; 2] = ["acks", "enable.idempotence"];
+
+/// Requests in flight per broker connection: the idempotent producer keeps order with at most
+/// 5 (the relay's default); fewer is allowed.
+const MAX_IN_FLIGHT: &str = "max.in.flight.requests.per.connection";
 
 /// The `[kafka]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +89,13 @@ impl KafkaConfig {
                 ));
             }
         }
+        if let Some(v) = self.properties.get(MAX_IN_FLIGHT)
+            && !matches!(v.trim().parse::<u8>(), Ok(1..=5))
+        {
+            return bad(format!(
+                "kafka.properties.{MAX_IN_FLIGHT} = {v:?}: it must be 1 to 5, the most the idempotent producer keeps in order (the default is 5)"
+            ));
+        }
         if self.partitions < 1 {
             return bad("kafka.partitions must be at least 1".into());
         }
@@ -149,6 +155,27 @@ mod tests {
         let mut c = KafkaConfig::default();
         c.properties.insert("linger.ms".into(), "20".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn requests_in_flight_may_be_lowered_but_not_raised_past_what_keeps_order() {
+        for (value, ok) in [
+            ("1", true),
+            ("5", true),
+            ("0", false),
+            ("6", false),
+            ("x", false),
+        ] {
+            let mut c = KafkaConfig::default();
+            c.properties.insert(MAX_IN_FLIGHT.into(), value.into());
+            match c.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{value} refused: {e}");
+                    assert!(e.to_string().contains("must be 1 to 5"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]
