@@ -100,6 +100,12 @@ fn replication_sqlstate(e: &PgWireError) -> Option<SqlState> {
     (code.len() == 5).then(|| SqlState::from_code(code))
 }
 
+/// Replication messages the client buffers ahead of the engine (pgwire-replication's bounded
+/// channel; a full one pushes back on the walsender). A batch is 1,000 events by default, so
+/// this still keeps one read ahead; 4,096 cost 1-3 MiB more peak RSS on a 100,000-event
+/// transaction (wal → Kafka 40.2 vs 37.3 MiB, mean of two bench runs) for no faster drain.
+const REPLICATION_BUFFER_EVENTS: usize = 1024;
+
 pub struct WalSource {
     conn: PgConn,
     outbox: Outbox,
@@ -175,7 +181,7 @@ impl WalSource {
         .with_start_lsn(start)
         .with_status_interval(self.config.wal.status_interval)
         .with_wakeup_interval(Duration::from_secs(10))
-        .with_buffer_size(4096)
+        .with_buffer_size(REPLICATION_BUFFER_EVENTS)
         .with_application_name("outbox-relay")
         // Makes `feedback_pending_since` report whether the newest position reached Postgres.
         .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}))
