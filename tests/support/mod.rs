@@ -817,13 +817,17 @@ pub struct Tally {
 }
 
 impl Tally {
+    fn assert_complete(&self) {
+        assert_eq!(self.missing, 0, "events lost: {self:?}");
+        assert_eq!(self.unexpected, 0, "unknown events received: {self:?}");
+    }
+
     /// Every event arrived, and each aggregate's events arrived in order at least once: what
     /// was delivered ahead of an earlier event of its aggregate was delivered again behind it.
     /// (What the relay promises when a broker may write a message whose delivery report said
     /// it failed; see `assert_complete_and_ordered` for runs where that cannot happen.)
     pub fn assert_complete_with_in_order_copies(&self) {
-        assert_eq!(self.missing, 0, "events lost: {self:?}");
-        assert_eq!(self.unexpected, 0, "unknown events received: {self:?}");
+        self.assert_complete();
         assert_eq!(
             self.unordered_aggregates, 0,
             "an event overtook an earlier one of its aggregate and was never sent again behind it: {self:?}"
@@ -831,8 +835,7 @@ impl Tally {
     }
 
     pub fn assert_complete_and_ordered(&self) {
-        assert_eq!(self.missing, 0, "events lost: {self:?}");
-        assert_eq!(self.unexpected, 0, "unknown events received: {self:?}");
+        self.assert_complete();
         assert_eq!(
             self.order_violations, 0,
             "per-aggregate order broken: {self:?}"

@@ -6,7 +6,8 @@
 //!
 //! What can go wrong: `kafka.properties` is passed to librdkafka as it is
 //! (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>), so it could
-//! switch off what the delivery guarantees rest on; [`GUARDED_PROPERTIES`] are refused here.
+//! switch off what the delivery guarantees rest on; [`GUARDED_PROPERTIES`] are refused here, and
+//! so is a `max.in.flight.requests.per.connection` outside 1-5.
 //! Anything else librdkafka does not know only fails when the client is created.
 
 use std::collections::BTreeMap;
