@@ -122,6 +122,56 @@ async fn the_slot_advances_while_the_outbox_is_idle_and_other_tables_take_100_mb
     assert!(released, "retained WAL stays at {retained} bytes");
 }
 
+/// Saving the progress row writes WAL, and the next keepalive reports that WAL as a position
+/// to save: an idle relay must not feed on its own writes (it once saved the row 20 times a
+/// second, for ever, at the default `wal.status_interval` of 50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_does_not_keep_rewriting_its_progress_row() {
+    let mut s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    let slot = s.slot.clone();
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let _relay = s.start_relay();
+    let written = write_numbered(&s.db, "idle-1", 1, 3).await;
+    let got = reader.read_until(&written, READ_TIMEOUT).await;
+    tally(&written, &got).assert_complete_and_ordered();
+    let client = s.db.client().await;
+    let saved = || async {
+        client
+            .query_opt(
+                "SELECT confirmed_lsn::text FROM outbox_relay_progress WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            saved().await.is_some()
+        })
+        .await,
+        "the progress row was never saved"
+    );
+    // The events' confirmation lands within a status interval; then the outbox is idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut last = saved().await;
+    let mut changes = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = saved().await;
+        if now != last {
+            changes += 1;
+            last = now;
+        }
+    }
+    eprintln!("idle relay: progress row changed {changes} times in 6 s");
+    assert!(
+        changes <= 1,
+        "the progress row changed {changes} times in 6 s of an idle outbox"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_deleted_in_its_own_transaction_is_still_published() {
     let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;

@@ -1,6 +1,7 @@
 //! What the active log-tailing instance does besides streaming: saving its confirmed
-//! position in the progress row (at most every `wal.status_interval`; a restart of Postgres
-//! can move the slot back, the row cannot), reloading the aggregates held by dead letters,
+//! position in the progress row (at most every `wal.status_interval` while outbox events move
+//! it, every [`IDLE_PROGRESS_EVERY`] while only keepalives do; a restart of Postgres can move
+//! the slot back, the row cannot), reloading the aggregates held by dead letters,
 //! forgetting publish attempts left by an instance that died, and deleting outbox rows past
 //! retention — but never those a repair of a lost slot might still need.
 
@@ -19,6 +20,9 @@ pub(super) struct Chores {
     /// The confirmed position last written to the progress row.
     pub(super) saved: Lsn,
     progress_saved_at: Instant,
+    /// Outbox events (a commit or a confirmation) moved the position since the last save;
+    /// otherwise only keepalives did.
+    pub(super) events_moved: bool,
     /// The held aggregates are reloaded every few seconds (another instance, or an operator
     /// command, may have added or released one).
     pub(super) held_loaded: Instant,
@@ -32,6 +36,11 @@ pub(super) struct Chores {
     standbys_task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// How often the progress row is saved while only keepalives move the position (an idle
+/// outbox). Saving writes WAL, and the next keepalive reports it as a new position: at
+/// `wal.status_interval` an idle relay would write its row 20 times a second, for ever.
+const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// How often the standbys of a multi-host `DATABASE_URL` are asked for their copy of a
 /// failover slot (`/readyz`'s `failover_slot`).
 const STANDBYS_EVERY: Duration = Duration::from_secs(30);
@@ -42,6 +51,7 @@ impl Chores {
         Self {
             saved: Lsn(0),
             progress_saved_at: now,
+            events_moved: false,
             held_loaded: now,
             attempts_cleared: now,
             cleanup: RetentionCleanup::new(),
@@ -116,6 +126,7 @@ impl WalSource {
             self.chores.saved = confirmed;
             self.chores.progress_saved_at = Instant::now();
         }
+        self.chores.events_moved = false;
         Ok(())
     }
 
@@ -123,7 +134,12 @@ impl WalSource {
     /// reload the held aggregates, forget attempts nobody made for a day, delete rows past
     /// retention.
     pub(super) async fn housekeeping(&mut self) -> Result<(), Error> {
-        if self.chores.progress_saved_at.elapsed() >= self.config.wal.status_interval {
+        let every = if self.chores.events_moved {
+            self.config.wal.status_interval
+        } else {
+            IDLE_PROGRESS_EVERY.max(self.config.wal.status_interval)
+        };
+        if self.chores.progress_saved_at.elapsed() >= every {
             self.save_progress().await?;
         }
         if self.chores.held_loaded.elapsed() > Duration::from_secs(5) {

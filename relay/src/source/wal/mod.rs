@@ -231,6 +231,7 @@ impl WalSource {
         self.handed.remove(&seq);
         self.out.remove(&seq);
         self.attempts.remove(&seq);
+        self.chores.events_moved = true;
         if let Some(c) = self.frontier.settle(seq) {
             self.report(c);
         }
