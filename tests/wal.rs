@@ -127,7 +127,7 @@ async fn the_slot_advances_while_the_outbox_is_idle_and_other_tables_take_100_mb
 /// second, for ever, at the default `wal.status_interval` of 50 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_relay_does_not_keep_rewriting_its_progress_row() {
-    let mut s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    let s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
     let slot = s.slot.clone();
     s.migrate();
     let mut reader = s.reader(&["wallet"]).await;
