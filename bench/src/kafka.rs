@@ -191,9 +191,16 @@ pub fn spawn_consumer(
         .set("enable.partition.eof", "false")
         .create()
         .context("cannot create the Kafka consumer")?;
+    // Assigned at the partitions' first offsets, looked up here (before the caller starts its
+    // clock), not at `Offset::Beginning`: librdkafka resolves that with its own offset request
+    // once assigned, and against tansu the first message then arrives 0.5 s later even when
+    // it is already there, which a drain would count as the relay's time.
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (low, _) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .with_context(|| format!("cannot read the offsets of {topic} [{p}]"))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
     }
     consumer.assign(&tpl)?;
     Ok(std::thread::spawn(move || {
