@@ -385,6 +385,8 @@ impl DeadLetter {
             tracestate: self.tracestate.clone(),
             created_at_ms: self.created_at_ms,
             columns: self.template_columns(),
+            // Kept as bytes: checked again.
+            payload_is_json: false,
         }
         .into_event(self.position, None)
     }

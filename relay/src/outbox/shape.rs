@@ -170,6 +170,11 @@ impl TableShape {
         self.payload.sql_type == "bytea"
     }
 
+    /// A `json` or `jsonb` payload: Postgres checked it when it was written.
+    pub fn payload_is_json(&self) -> bool {
+        matches!(self.payload.sql_type.as_str(), "json" | "jsonb")
+    }
+
     /// The SQL type of a column by its quoted name; `text` for one the table does not have.
     pub fn type_of(&self, quoted: &str) -> &str {
         [
@@ -241,6 +246,7 @@ impl TableShape {
             columns: (self.template_columns.iter().enumerate())
                 .map(|(i, (name, _))| (name.clone(), text(FIXED_COLUMNS + i)))
                 .collect(),
+            payload_is_json: self.payload_is_json(),
         }
         .into_event(seq, None)
     }

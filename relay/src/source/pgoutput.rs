@@ -43,6 +43,8 @@ pub enum Message {
 
 /// The oid of `bytea`, whose text form is `\x<hex>`.
 pub const BYTEA_OID: u32 = 17;
+pub const JSON_OID: u32 = 114;
+pub const JSONB_OID: u32 = 3802;
 
 struct Reader<'a> {
     buf: &'a [u8],

@@ -14,7 +14,7 @@ use pgwire_replication::Lsn;
 use crate::config::ColumnsConfig;
 use crate::error::Error;
 use crate::event::{OutboxEvent, RowColumns};
-use crate::source::pgoutput::{self, BYTEA_OID, Relation, Value};
+use crate::source::pgoutput::{self, BYTEA_OID, JSON_OID, JSONB_OID, Relation, Value};
 
 /// Column positions of the outbox table in its Relation message.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub(super) struct ColumnMap {
     event_type: usize,
     payload: usize,
     payload_bytea: bool,
+    /// `json` or `jsonb`: Postgres checked the payload.
+    payload_json: bool,
     headers: Option<usize>,
     traceparent: Option<usize>,
     tracestate: Option<usize>,
@@ -57,6 +59,7 @@ impl ColumnMap {
             aggregate_id: need("aggregate_id", &c.aggregate_id)?,
             event_type: need("event_type", &c.event_type)?,
             payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            payload_json: [JSON_OID, JSONB_OID].contains(&rel.columns[payload].type_oid),
             payload,
             headers: find(&c.headers),
             traceparent: find(&c.traceparent),
@@ -103,6 +106,7 @@ impl ColumnMap {
             columns: (self.template_columns.iter())
                 .map(|(name, i)| (name.clone(), text(*i)))
                 .collect(),
+            payload_is_json: self.payload_json,
         };
         columns.into_event(seq, defect)
     }
@@ -159,6 +163,8 @@ pub(super) fn emitted_event(
                         (name.clone(), value)
                     })
                     .collect(),
+                // Written back by serde_json.
+                payload_is_json: true,
             };
             columns.into_event(seq, defect)
         }

@@ -540,9 +540,10 @@ impl Source for WalSource {
                 if batch.len() >= max {
                     break;
                 }
-                let now = Instant::now();
                 let wait = match wait_until {
-                    Some(t) if batch.is_empty() && t > now => Some(t - now),
+                    Some(t) if batch.is_empty() => {
+                        Some(t.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+                    }
                     _ => None,
                 };
                 let repl = self
