@@ -560,7 +560,11 @@ impl Source for WalSource {
                             continue;
                         }
                     },
-                    // Only what is already buffered: do not hold a batch back waiting.
+                    // Only what is already buffered: do not hold a batch back waiting. A
+                    // timeout, not `now_or_never`: once the task's cooperative budget is spent
+                    // (every 128 receives) the channel answers Pending, and the timeout then
+                    // yields and reads on with a new budget, where `now_or_never` would end the
+                    // batch (tried: wal -> Kafka drains 5-17k/s instead of 63-70k/s).
                     None => match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
                         Ok(r) => r,
                         Err(_) => break,
