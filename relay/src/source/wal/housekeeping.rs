@@ -20,8 +20,9 @@ pub(super) struct Chores {
     /// The confirmed position last written to the progress row.
     pub(super) saved: Lsn,
     progress_saved_at: Instant,
-    /// Outbox events (a commit or a confirmation) moved the position since the last save;
-    /// otherwise only keepalives did.
+    /// An event settled since the position was last saved with nothing of the outbox
+    /// pending: events may move the position (their commit may still be on its way), so it is
+    /// saved every `wal.status_interval`; otherwise only keepalives move it.
     pub(super) events_moved: bool,
     /// The held aggregates are reloaded every few seconds (another instance, or an operator
     /// command, may have added or released one).
@@ -126,7 +127,11 @@ impl WalSource {
             self.chores.saved = confirmed;
             self.chores.progress_saved_at = Instant::now();
         }
-        self.chores.events_moved = false;
+        // Only once nothing read is pending: a transaction whose events all settled still
+        // moves the position when its commit is read.
+        if self.frontier.is_idle() {
+            self.chores.events_moved = false;
+        }
         Ok(())
     }
 

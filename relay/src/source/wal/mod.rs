@@ -541,9 +541,9 @@ impl Source for WalSource {
                     break;
                 }
                 let wait = match wait_until {
-                    Some(t) if batch.is_empty() => {
-                        Some(t.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
-                    }
+                    Some(t) if batch.is_empty() => t
+                        .checked_duration_since(Instant::now())
+                        .filter(|d| !d.is_zero()),
                     _ => None,
                 };
                 let repl = self
