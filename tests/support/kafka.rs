@@ -83,11 +83,18 @@ impl Reader {
             }
         }
         if changed {
+            // At each partition's low watermark, looked up here: assigned at
+            // `Offset::Beginning`, librdkafka makes its own offset request once assigned, and
+            // against tansu the first message then comes 0.5 s later (Beginning stays the
+            // fallback when the lookup fails).
             let mut tpl = TopicPartitionList::new();
             for (topic, partitions) in &self.assigned {
                 for p in partitions {
-                    tpl.add_partition_offset(topic, *p, Offset::Beginning)
-                        .unwrap();
+                    let offset = self
+                        .consumer
+                        .fetch_watermarks(topic, *p, Duration::from_secs(2))
+                        .map_or(Offset::Beginning, |(low, _)| Offset::Offset(low));
+                    tpl.add_partition_offset(topic, *p, offset).unwrap();
                 }
             }
             // Re-assigning restarts every partition from the beginning: forget what we have.

@@ -23,7 +23,7 @@
 //! If the relay dies or its connection drops, Postgres releases the lock and a standby takes
 //! over at its next try (`delivery.standby_interval`).
 
-use hashbrown::HashSet;
+use hashbrown::{HashMap, HashSet};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -62,6 +62,46 @@ pub struct PollSource {
 /// Most rows parked, in batches of `delivery.batch_size`.
 pub const PARK_BATCHES: usize = 3;
 
+/// Takes out of the park the rows of aggregates that are not blocked, up to `max`: whole
+/// aggregates, each with its parked rows in order, in the order of their oldest parked row
+/// (the last one taken may be cut short; what is left of it stays parked, behind the rest).
+///
+/// Taking the oldest ready rows across every aggregate instead put a few rows of each hot
+/// aggregate in one batch, and that batch then blocked all of them until its answer: on a Zipf
+/// backlog each hot aggregate moved only its share of one batch per round trip, and the park
+/// filled with their rows until reads were dropped (poll -> Kafka Zipf 26.4k/s against 32.3k/s
+/// with this order, same run).
+fn take_ready(
+    parked: &mut BTreeMap<i64, OutboxEvent>,
+    max: usize,
+    blocked: &dyn Blocked,
+) -> Vec<OutboxEvent> {
+    if parked.is_empty() || max == 0 {
+        return Vec::new();
+    }
+    let mut runs: Vec<Vec<i64>> = Vec::new();
+    {
+        let mut run_of: HashMap<KeyRef<'_>, usize> = HashMap::new();
+        for (seq, e) in parked.iter() {
+            if blocked.contains(e) {
+                continue;
+            }
+            let next = runs.len();
+            let run = *run_of.entry(KeyRef::of(e)).or_insert(next);
+            if run == next {
+                runs.push(Vec::new());
+            }
+            runs[run].push(*seq);
+        }
+    }
+    // Still counted as out by the caller: they are handed out now.
+    runs.into_iter()
+        .flatten()
+        .take(max)
+        .filter_map(|seq| parked.remove(&seq))
+        .collect()
+}
+
 impl PollSource {
     /// Reads up to `max` pending rows that are not out into `batch` and the park (see
     /// [`Self::sort_read`]), leaving out in SQL the aggregates that wait out a failure, or with
@@ -98,28 +138,6 @@ impl PollSource {
             "read pending events"
         );
         Ok(read)
-    }
-
-    /// Parked rows of aggregates that are no longer blocked, oldest first, up to `max`.
-    fn take_parked(&mut self, max: usize, blocked: &dyn Blocked) -> Vec<OutboxEvent> {
-        let mut batch = Vec::new();
-        if self.parked.is_empty() {
-            return batch;
-        }
-        let ready: Vec<i64> = self
-            .parked
-            .iter()
-            .filter(|(_, e)| !blocked.contains(e))
-            .map(|(seq, _)| *seq)
-            .take(max)
-            .collect();
-        for seq in ready {
-            if let Some(e) = self.parked.remove(&seq) {
-                // Still counted as out: it is handed out now.
-                batch.push(e);
-            }
-        }
-        batch
     }
 
     /// Splits rows just read (in `relay_seq` order) into the batch and the park. Once the
@@ -274,7 +292,7 @@ impl Source for PollSource {
                 self.changed();
             }
             // Parked rows whose aggregate has nothing in flight any more go first.
-            let mut batch = self.take_parked(max, blocked);
+            let mut batch = take_ready(&mut self.parked, max, blocked);
             // Read only when every parked row that could go is in the batch (so a row read now
             // never overtakes a parked row of its aggregate).
             if batch.len() < max {
@@ -390,5 +408,85 @@ impl Source for PollSource {
         // Held: the rest waits in the table. Skipped: it follows, read again in order.
         self.unpark_behind(&[event]);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct BlockedSet(HashSet<AggregateKey>);
+
+    impl Blocked for BlockedSet {
+        fn contains(&self, event: &OutboxEvent) -> bool {
+            self.0.contains(&KeyRef::of(event))
+        }
+        fn keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_> {
+            Box::new(self.0.iter())
+        }
+        fn waiting_keys(&self) -> Box<dyn Iterator<Item = &AggregateKey> + Send + '_> {
+            Box::new(std::iter::empty())
+        }
+    }
+
+    fn park(rows: &[(i64, &str)]) -> BTreeMap<i64, OutboxEvent> {
+        rows.iter()
+            .map(|(seq, aggregate)| {
+                let mut e = OutboxEvent::for_tests("wallet", aggregate, "E");
+                e.seq = *seq;
+                (*seq, e)
+            })
+            .collect()
+    }
+
+    fn blocked(aggregates: &[&str]) -> BlockedSet {
+        BlockedSet(
+            aggregates
+                .iter()
+                .map(|a| ("wallet".to_string(), a.to_string()))
+                .collect(),
+        )
+    }
+
+    fn seqs(events: &[OutboxEvent]) -> Vec<i64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn ready_rows_are_taken_by_whole_aggregates_in_order_of_their_oldest_row() {
+        let rows = [
+            (1, "a"),
+            (2, "b"),
+            (3, "c"),
+            (4, "a"),
+            (5, "b"),
+            (6, "a"),
+            (7, "d"),
+        ];
+        let mut parked = park(&rows);
+        let taken = take_ready(&mut parked, 5, &blocked(&["c"]));
+        // a's three rows, then b's two; d does not fit, c is blocked.
+        assert_eq!(seqs(&taken), vec![1, 4, 6, 2, 5]);
+        assert_eq!(parked.keys().copied().collect::<Vec<_>>(), vec![3, 7]);
+    }
+
+    #[test]
+    fn the_last_aggregate_taken_may_be_cut_short_and_keeps_the_rest_parked_in_order() {
+        let mut parked = park(&[(1, "a"), (2, "b"), (3, "b"), (4, "b"), (5, "a")]);
+        let taken = take_ready(&mut parked, 3, &blocked(&[]));
+        assert_eq!(seqs(&taken), vec![1, 5, 2]);
+        assert_eq!(parked.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
+        // What is left of b comes next, oldest first.
+        let taken = take_ready(&mut parked, 3, &blocked(&[]));
+        assert_eq!(seqs(&taken), vec![3, 4]);
+        assert!(parked.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_taken_of_blocked_aggregates() {
+        let mut parked = park(&[(1, "a"), (2, "a")]);
+        assert!(take_ready(&mut parked, 10, &blocked(&["a"])).is_empty());
+        assert_eq!(parked.len(), 2);
+        assert!(take_ready(&mut parked, 0, &blocked(&[])).is_empty());
     }
 }
