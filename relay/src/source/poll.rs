@@ -25,6 +25,7 @@
 
 use hashbrown::{HashMap, HashSet};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -41,10 +42,12 @@ pub struct PollSource {
     conn: PgConn,
     outbox: Outbox,
     statements: PollStatements,
+    /// Marks confirmed rows published on a connection of its own while `conn` reads on.
+    marker: Marker,
     config: Config,
     cleanup: RetentionCleanup,
-    /// `relay_seq` of the events handed out and not yet confirmed, dead-lettered or released,
-    /// and of those parked.
+    /// `relay_seq` of the events handed out and not yet confirmed (marked published),
+    /// dead-lettered or released, and of those parked.
     out: HashSet<i64>,
     /// Rows read while their aggregate had events in flight, by `relay_seq`: handed out before
     /// anything read later.
@@ -102,7 +105,79 @@ fn take_ready(
         .collect()
 }
 
+/// Marks confirmed rows published (deletes them, with retention 0) on a second connection,
+/// one statement at a time, while the polling connection reads the next batch: on one
+/// connection the two took turns, and a spread poll -> Kafka drain spent about half of each
+/// batch's time waiting for the UPDATE of the previous one. Rows being marked stay out (the
+/// reads leave them out) until their UPDATE has committed.
+struct Marker {
+    conn: Arc<PgConn>,
+    outbox: Arc<Outbox>,
+    statements: Arc<PollStatements>,
+    delete: bool,
+    running: Option<tokio::task::JoinHandle<Result<Vec<i64>, Error>>>,
+}
+
+impl Marker {
+    async fn open(config: &Config, outbox: &Outbox) -> Result<Self, Error> {
+        let conn = PgConn::connect(&config.database_url).await?;
+        let statements = outbox.prepare_poll(&conn.client).await?;
+        Ok(Self {
+            conn: Arc::new(conn),
+            outbox: Arc::new(outbox.clone()),
+            statements: Arc::new(statements),
+            delete: config.outbox.retention.is_zero(),
+            running: None,
+        })
+    }
+
+    /// Waits for the marking under way, if any; returns the rows it marked.
+    async fn finish(&mut self) -> Result<Vec<i64>, Error> {
+        let Some(running) = self.running.take() else {
+            return Ok(Vec::new());
+        };
+        running
+            .await
+            .map_err(|e| Error::pg_transient("marking events published stopped", e.to_string()))?
+    }
+
+    /// The rows of a marking that is over, without waiting for one that is not.
+    async fn finished(&mut self) -> Result<Vec<i64>, Error> {
+        if self.running.as_ref().is_some_and(|r| r.is_finished()) {
+            self.finish().await
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Waits for the marking under way (returning its rows), then starts marking `seqs`.
+    async fn start(&mut self, seqs: Vec<i64>) -> Result<Vec<i64>, Error> {
+        let done = self.finish().await?;
+        self.conn.ensure_open()?;
+        let (conn, outbox, statements, delete) = (
+            self.conn.clone(),
+            self.outbox.clone(),
+            self.statements.clone(),
+            self.delete,
+        );
+        self.running = Some(tokio::spawn(async move {
+            outbox
+                .confirm(&conn.client, &statements, &seqs, delete)
+                .await?;
+            Ok(seqs)
+        }));
+        Ok(done)
+    }
+}
+
 impl PollSource {
+    /// Marked rows are no longer out.
+    fn marked(&mut self, seqs: Vec<i64>) {
+        for seq in seqs {
+            self.out.remove(&seq);
+        }
+    }
+
     /// Reads up to `max` pending rows that are not out into `batch` and the park (see
     /// [`Self::sort_read`]), leaving out in SQL the aggregates that wait out a failure, or with
     /// `past_blocked` every blocked one. Returns how many rows were read.
@@ -232,6 +307,7 @@ impl Source for PollSource {
             .map_err(|e| Error::pg("cannot set up the polling connection", e))?;
         let outbox = Outbox::inspect(&conn.client, config, true).await?;
         let statements = outbox.prepare_poll(&conn.client).await?;
+        let marker = Marker::open(config, &outbox).await?;
         let trigger = outbox.has_notify_trigger(&conn.client).await?;
         if config.poll.notify {
             outbox.listen(&conn.client).await?;
@@ -249,6 +325,7 @@ impl Source for PollSource {
             conn,
             outbox,
             statements,
+            marker,
             config: config.clone(),
             cleanup: RetentionCleanup::new(),
             out: HashSet::new(),
@@ -285,6 +362,8 @@ impl Source for PollSource {
                 return Ok(vec![]);
             }
             self.conn.ensure_open()?;
+            let marked = self.marker.finished().await?;
+            self.marked(marked);
             self.maybe_cleanup().await?;
             // Drain a pending wake-up *before* reading, so a commit that lands after this read
             // still wakes the wait below.
@@ -354,20 +433,20 @@ impl Source for PollSource {
         if events.is_empty() {
             return Ok(());
         }
+        // Marked in the background; they stay out until then.
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        self.outbox
-            .confirm(
-                &self.conn.client,
-                &self.statements,
-                &seqs,
-                self.config.outbox.retention.is_zero(),
-            )
-            .await?;
-        for seq in seqs {
-            self.out.remove(&seq);
-        }
+        let marked = self.marker.start(seqs).await?;
+        self.marked(marked);
         self.changed();
         Ok(())
+    }
+
+    async fn close(&mut self) {
+        // What the broker confirmed is marked before the relay stops, so a restart does not
+        // send it again.
+        if let Err(e) = self.marker.finish().await {
+            warn!(error = %e, "cannot mark the last confirmed events published; they will be sent again");
+        }
     }
 
     fn release(&mut self, events: &[&OutboxEvent]) {
