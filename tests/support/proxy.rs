@@ -68,13 +68,18 @@ impl Proxy {
     }
 }
 
-/// A free local port (bound, then released).
+/// A free local port (bound, then released), below the kernel's ephemeral range (32768-60999),
+/// so that an outgoing connection of a test running beside does not take it before the broker
+/// binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    for attempt in 0u64.. {
+        let port = 20_000 + (RandomState::new().hash_one(attempt) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    unreachable!()
 }
 
 /// A private tansu broker listening on `port` and advertising `advertised` (the proxy).

@@ -352,6 +352,10 @@ async fn run_source<S: Source>(
     .await
     .expect("the engine stops after shutdown");
     watcher.abort();
+    if result.is_ok() {
+        // As the daemon does after a clean stop (poll: waits for the last marking).
+        source.close().await;
+    }
     result
 }
 

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::{Blocked, Source};
 use crate::config::Config;
+use crate::config::secret::Secret;
 use crate::error::Error;
 use crate::event::{AggregateKey, KeyRef, OutboxEvent, key_of};
 use crate::outbox::{Outbox, PollStatements, RetentionCleanup};
@@ -112,6 +113,7 @@ fn take_ready(
 /// reads leave them out) until their UPDATE has committed.
 struct Marker {
     conn: Arc<PgConn>,
+    url: Secret,
     outbox: Arc<Outbox>,
     statements: Arc<PollStatements>,
     delete: bool,
@@ -120,15 +122,24 @@ struct Marker {
 
 impl Marker {
     async fn open(config: &Config, outbox: &Outbox) -> Result<Self, Error> {
-        let conn = PgConn::connect(&config.database_url).await?;
-        let statements = outbox.prepare_poll(&conn.client).await?;
+        let (conn, statements) = Self::connect(&config.database_url, outbox).await?;
         Ok(Self {
-            conn: Arc::new(conn),
+            conn,
+            url: config.database_url.clone(),
             outbox: Arc::new(outbox.clone()),
-            statements: Arc::new(statements),
+            statements,
             delete: config.outbox.retention.is_zero(),
             running: None,
         })
+    }
+
+    async fn connect(
+        url: &Secret,
+        outbox: &Outbox,
+    ) -> Result<(Arc<PgConn>, Arc<PollStatements>), Error> {
+        let conn = PgConn::connect(url).await?;
+        let statements = outbox.prepare_poll(&conn.client).await?;
+        Ok((Arc::new(conn), Arc::new(statements)))
     }
 
     /// Waits for the marking under way, if any; returns the rows it marked.
@@ -153,7 +164,12 @@ impl Marker {
     /// Waits for the marking under way (returning its rows), then starts marking `seqs`.
     async fn start(&mut self, seqs: Vec<i64>) -> Result<Vec<i64>, Error> {
         let done = self.finish().await?;
-        self.conn.ensure_open()?;
+        if self.conn.is_closed() {
+            // It sits idle while nothing is confirmed, and a server or a firewall may close
+            // it then: open it again rather than end the leader's session.
+            debug!("the marking connection was closed; reconnecting it");
+            (self.conn, self.statements) = Self::connect(&self.url, &self.outbox).await?;
+        }
         let (conn, outbox, statements, delete) = (
             self.conn.clone(),
             self.outbox.clone(),
@@ -167,6 +183,22 @@ impl Marker {
             Ok(seqs)
         }));
         Ok(done)
+    }
+}
+
+impl Drop for Marker {
+    /// The session ended with a marking under way: it goes on (those rows reached the broker),
+    /// and if it fails, says so (they will be sent again).
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Ok(Err(e)) = running.await {
+                    warn!(error = %e, "cannot mark confirmed events published; they will be sent again");
+                }
+            });
+        }
     }
 }
 
@@ -472,6 +504,11 @@ impl Source for PollSource {
         attempts: u32,
         hold: bool,
     ) -> Result<(), Error> {
+        // An earlier event of its aggregate may be being marked published: that commits first,
+        // or a crash in between would leave it pending behind this dead letter's hold, to be
+        // sent again (out of order) only once the dead letter is retried.
+        let marked = self.marker.finish().await?;
+        self.marked(marked);
         self.outbox
             .dead_letter(
                 &self.conn.client,

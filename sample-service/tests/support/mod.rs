@@ -169,9 +169,19 @@ impl Drop for Proc {
     }
 }
 
+/// A free local address for a service to listen on (bound, then released). Taken below the
+/// kernel's ephemeral range (32768-60999): a port the kernel handed out for `:0` was sometimes
+/// taken again, by an outgoing connection of a test running beside, before the service bound it
+/// ("Address already in use").
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    use std::hash::{BuildHasher, RandomState};
+    for attempt in 0u64.. {
+        let port = 20_000 + (RandomState::new().hash_one(attempt) % 12_000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
+    unreachable!()
 }
 
 /// A response of [`http`].
