@@ -264,6 +264,67 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval() {
     );
 }
 
+/// Poll mode marks confirmed rows published on a second connection, idle while nothing is
+/// confirmed. Closed then (a server's idle timeout, a firewall, an operator), it is opened
+/// again at the next confirmation: the leader's session goes on, nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_reopens_its_marking_connection_closed_while_idle() {
+    let s = Scenario::with_toml(Broker::Rabbitmq, "").await;
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let relay = s.start_relay();
+    let first = write_events(&s.db.url, "wallet", 3, 2, 1).await;
+    let got = reader.read_until(&first, READ_TIMEOUT).await;
+    tally(&first, &got).assert_complete_and_ordered();
+    // The marking connection: the relay's one whose last statement marked rows published (the
+    // leader's reads, the health observer's count).
+    let client = s.db.client().await;
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a \
+             WHERE a.datname = current_database() AND a.application_name LIKE 'outbox-relay%' \
+               AND a.pid <> pg_backend_pid() AND a.query LIKE 'UPDATE %relay_published_at%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1, "one marking connection: {}", relay.logs());
+    // Let its driver see the connection end.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = write_events(&s.db.url, "wallet", 3, 2, 1).await;
+    let all: Vec<Written> = first.iter().chain(&second).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    t.assert_complete_and_ordered();
+    assert_eq!(t.duplicates, 0, "{t:?}\n{}", relay.logs());
+    let logs = relay.logs();
+    assert!(
+        logs.contains("the marking connection was closed; reconnecting it"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("lost Postgres"),
+        "the leader's session ended: {logs}"
+    );
+    // Every delivered row is marked published.
+    let pending = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE relay_published_at IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending().await > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending().await, 0, "{logs}");
+}
+
 /// `poll.notify = false`: `migrate` drops the trigger (no NOTIFY on the service's commits)
 /// and the relay finds events by polling every `poll.interval`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
