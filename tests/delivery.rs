@@ -217,23 +217,11 @@ async fn late_commit_is_not_skipped(mode: Mode) {
     // T1 takes the smaller relay_seq but commits last.
     let mut slow = s.db.client().await;
     let t1 = slow.transaction().await.unwrap();
-    let late_id = uuid::Uuid::new_v4();
-    t1.execute(
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ($1, 'wallet', 'late', 'Happened', '{\"n\": 0}')",
-        &[&late_id],
-    )
-    .await
-    .unwrap();
+    let late = vec![insert_wallet_event(&t1, "late", 0).await];
     let early = write_events(&s.db.url, "wallet", 3, 3, 1).await;
     let got = reader.read_until(&early, READ_TIMEOUT).await;
     tally(&early, &got).assert_complete_and_ordered();
     t1.commit().await.unwrap();
-    let late = vec![Written {
-        id: late_id.to_string(),
-        aggregate_id: "late".into(),
-        n: 0,
-    }];
     let all: Vec<Written> = early.iter().chain(&late).cloned().collect();
     let got = reader.read_until(&all, READ_TIMEOUT).await;
     tally(&all, &got).assert_complete_and_ordered();

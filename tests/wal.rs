@@ -136,25 +136,13 @@ async fn an_idle_relay_does_not_keep_rewriting_its_progress_row() {
     let mut client = s.db.client().await;
     // A fourth event, and a WAL position its commit record comes after.
     let tx = client.transaction().await.unwrap();
-    let id = uuid::Uuid::new_v4();
-    tx.execute(
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ($1, 'wallet', 'idle-1', 'Happened', '{\"n\": 4}')",
-        &[&id],
-    )
-    .await
-    .unwrap();
+    written.push(insert_wallet_event(&tx, "idle-1", 4).await);
     let before_commit: String = tx
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
     tx.commit().await.unwrap();
-    written.push(Written {
-        id: id.to_string(),
-        aggregate_id: "idle-1".into(),
-        n: 4,
-    });
     let got = reader.read_until(&written, READ_TIMEOUT).await;
     tally(&written, &got).assert_complete_and_ordered();
     // Events still move the saved position at once (`wal.status_interval`), not every 10 s.
@@ -210,23 +198,14 @@ async fn an_event_deleted_in_its_own_transaction_is_still_published() {
     let _relay = s.start_relay();
     let mut client = s.db.client().await;
     let tx = client.transaction().await.unwrap();
-    let id = uuid::Uuid::new_v4();
+    let written = vec![insert_wallet_event(&tx, "w-1", 0).await];
     tx.execute(
-        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ($1, 'wallet', 'w-1', 'Happened', '{\"n\": 0}')",
-        &[&id],
+        "DELETE FROM outbox WHERE id = $1::text::uuid",
+        &[&written[0].id],
     )
     .await
     .unwrap();
-    tx.execute("DELETE FROM outbox WHERE id = $1", &[&id])
-        .await
-        .unwrap();
     tx.commit().await.unwrap();
-    let written = vec![Written {
-        id: id.to_string(),
-        aggregate_id: "w-1".into(),
-        n: 0,
-    }];
     let got = reader.read_until(&written, READ_TIMEOUT).await;
     tally(&written, &got).assert_complete_and_ordered();
     let rows: i64 = client
@@ -508,20 +487,7 @@ async fn write_numbered(db: &TestDb, agg: &str, first: u64, n: u64) -> Vec<Writt
     let client = db.client().await;
     let mut out = vec![];
     for i in first..first + n {
-        let id = uuid::Uuid::new_v4();
-        client
-            .execute(
-                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-                 VALUES ($1, 'wallet', $2, 'Happened', jsonb_build_object('n', $3::bigint))",
-                &[&id, &agg, &(i as i64)],
-            )
-            .await
-            .unwrap();
-        out.push(Written {
-            id: id.to_string(),
-            aggregate_id: agg.into(),
-            n: i,
-        });
+        out.push(insert_wallet_event(&client, agg, i).await);
     }
     out
 }

@@ -610,6 +610,29 @@ pub struct Written {
     pub n: u64,
 }
 
+/// Inserts one `wallet` event (`Happened`, payload `{"n": n}`) through `client`, typically an
+/// open transaction the test commits (or not) itself.
+pub async fn insert_wallet_event(
+    client: &impl tokio_postgres::GenericClient,
+    aggregate_id: &str,
+    n: u64,
+) -> Written {
+    let id = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ($1, 'wallet', $2, 'Happened', jsonb_build_object('n', $3::bigint))",
+            &[&id, &aggregate_id, &(n as i64)],
+        )
+        .await
+        .unwrap();
+    Written {
+        id: id.to_string(),
+        aggregate_id: aggregate_id.into(),
+        n,
+    }
+}
+
 /// Writes `per_aggregate` events for each of `aggregates` aggregates of type `aggregate_type`,
 /// from `writers` concurrent connections, one transaction per event. Each aggregate belongs to
 /// one writer, so its events commit in `n` order. A failed transaction (Postgres restarting) is
