@@ -663,7 +663,12 @@ async fn failover(pg: Pg, mode: Mode, case: Case) {
         "events lost across the failover: {t:?}; relay log:\n{}",
         relay.logs()
     );
-    t.assert_complete_and_ordered();
+    // With the relay's log: the order of a failover's first deliveries is not in the tally.
+    assert!(
+        t.unexpected == 0 && t.order_violations == 0,
+        "per-aggregate order broken across the failover: {t:?}; relay log:\n{}",
+        relay.logs()
+    );
     let gone_set: HashSet<&str> = gone.iter().map(|w| w.id.as_str()).collect();
     let phantom_set: HashSet<&str> = phantom.iter().map(|w| w.id.as_str()).collect();
     assert_eq!(

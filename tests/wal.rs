@@ -589,6 +589,92 @@ async fn a_dropped_slot_is_recreated_and_its_gap_published_from_the_table() {
     lost_slot_is_repaired(false).await;
 }
 
+/// A repair reads the table in creation order while services go on writing. A transaction
+/// that began before rows the repair has already read (its `created_at` is its start) but
+/// commits after that read is behind it, so it comes from the stream; a later event of its
+/// aggregate, committed after it, is ahead of the read. The repair reads one snapshot, taken
+/// once the new slot exists, so both come from the stream, in commit order. (Paging through
+/// the live table published the later event first, from the table, and the earlier one behind
+/// it from the stream: one order violation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_keeps_an_aggregate_in_order_when_an_older_transaction_commits_behind_its_read() {
+    let mut s = Scenario::of(Mode::Wal, Broker::Rabbitmq, "").await;
+    s.extra_toml = format!(
+        "[wal]\nslot = \"{}\"\nslot_wait = \"5s\"\nstatus_interval = \"200ms\"\n\
+         [delivery]\nbatch_size = 10\nmax_in_flight = 1\n",
+        s.slot
+    );
+    s.migrate();
+    let mut reader = s.reader(&["wallet"]).await;
+    let mut relay = s.start_relay();
+    let streamed = write_numbered(&s.db, "S", 0, 5).await;
+    let got = reader.read_until(&streamed, READ_TIMEOUT).await;
+    tally(&streamed, &got).assert_complete_and_ordered();
+    // Let the progress (confirmed position and commit time) be saved.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.kill();
+    // The gap: 2,000 events, 200 pages of the repair's read.
+    let gap = write_numbered(&s.db, "G", 0, 2000).await;
+    let admin = s.db.client().await;
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
+        .await
+        .unwrap();
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log(
+                "publishing the outbox rows created since then",
+                Duration::from_secs(30)
+            )
+            .await,
+        "{}",
+        relay.logs()
+    );
+    // The slot exists: a transaction that began when the 100th gap row was written.
+    let started: String = admin
+        .query_one(
+            "SELECT (created_at + interval '1 microsecond')::text FROM outbox WHERE id = $1::text::uuid",
+            &[&gap[99].id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut older = s.db.client().await;
+    let tx = older.transaction().await.unwrap();
+    let x0 = uuid::Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, created_at) \
+         VALUES ($1, 'wallet', 'X', 'Happened', jsonb_build_object('n', 0), $2::text::timestamptz)",
+        &[&x0, &started],
+    )
+    .await
+    .unwrap();
+    // It commits once the repair has read well past it, and the aggregate's next event follows.
+    let read_past: Vec<Written> = gap[..500].to_vec();
+    let got = reader.read_until(&read_past, READ_TIMEOUT).await;
+    assert_eq!(tally(&read_past, &got).missing, 0, "{}", relay.logs());
+    tx.commit().await.unwrap();
+    let x1 = insert_wallet_event(&admin, "X", 1).await;
+    assert!(
+        !relay.logs().contains("repair of the slot's gap complete"),
+        "the repair ended before the aggregate's next event was written: the case tests nothing"
+    );
+    let x = vec![
+        Written {
+            id: x0.to_string(),
+            aggregate_id: "X".into(),
+            n: 0,
+        },
+        x1,
+    ];
+    let all: Vec<Written> = streamed.iter().chain(&gap).chain(&x).cloned().collect();
+    let got = reader.read_until(&all, READ_TIMEOUT).await;
+    let t = tally(&all, &got);
+    eprintln!("{t:?}");
+    t.assert_complete_and_ordered();
+}
+
 /// A slot lost before the relay confirmed anything from it (a failover moments after the
 /// first start, before the standby had any progress of ours) is repaired like any lost slot:
 /// the slot's creation left a progress row, so the events committed since are published from

@@ -5,6 +5,13 @@
 //! the rows created since the last confirmed commit minus `wal.repair_margin` (a transaction
 //! that began earlier may commit later), in creation order, before it streams again.
 //!
+//! The table is read through one snapshot, taken once the slot exists, on a connection of its
+//! own. Rows committed since the slot was created come from the stream, after the repair, in
+//! commit order. Paging through the live table instead would lose per-aggregate order: a
+//! transaction that began (`created_at` is its start) before rows the repair had already read,
+//! and committed after, falls behind the read and comes from the stream, while a later event
+//! of its aggregate, committed after it, is still ahead of the read and goes out first.
+//!
 //! The repair is recorded in the progress row before it starts and cleared when it ends, so a
 //! crash in the middle repeats it: duplicates, never a gap. Rows deleted before the repair
 //! (retention, or a service that deletes in the inserting transaction) cannot be recovered;
@@ -14,17 +21,30 @@ use pgwire_replication::Lsn;
 use tracing::{info, warn};
 
 use super::{WalSource, now_ms};
+use crate::config::secret::Secret;
 use crate::error::Error;
 use crate::event::OutboxEvent;
 use crate::outbox::PgTimestamp;
+use crate::pg::PgConn;
 use crate::pg::slot::{ensure_slot, slot_info};
 
 /// Publishing the rows of a lost slot's gap from the table.
-#[derive(Debug)]
 pub(super) struct Backfill {
     from: PgTimestamp,
     cursor: (PgTimestamp, String),
     published: u64,
+    /// The connection whose transaction holds the repair's snapshot; opened at the first read.
+    snapshot: Option<PgConn>,
+}
+
+impl std::fmt::Debug for Backfill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backfill")
+            .field("from", &self.from)
+            .field("cursor", &self.cursor)
+            .field("published", &self.published)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Backfill {
@@ -33,8 +53,33 @@ impl Backfill {
             from,
             cursor: (PgTimestamp::beginning(), "(0,0)".into()),
             published: 0,
+            snapshot: None,
         }
     }
+}
+
+/// A connection in a read-only repeatable-read transaction: every read through it sees the
+/// table as it was at the first one. It must be the primary the slot is on (a standby's
+/// snapshot may lag behind rows committed before the slot).
+async fn open_snapshot(url: &Secret) -> Result<PgConn, Error> {
+    let conn = PgConn::connect(url).await?;
+    conn.client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| Error::pg("cannot open the repair's snapshot", e))?;
+    let standby: bool = conn
+        .client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| Error::pg("cannot open the repair's snapshot", e))?
+        .get(0);
+    if standby {
+        return Err(Error::pg_transient(
+            "cannot open the repair's snapshot",
+            "its connection reached a standby (a failover under way?); retrying. With several hosts in DATABASE_URL, add target_session_attrs=read-write",
+        ));
+    }
+    Ok(conn)
 }
 
 impl WalSource {
@@ -126,14 +171,20 @@ impl WalSource {
         &mut self,
         max: usize,
     ) -> Result<Option<Vec<OutboxEvent>>, Error> {
-        let Some(b) = &self.backfill else {
+        let Some(b) = &mut self.backfill else {
             return Ok(None);
         };
+        if b.snapshot.is_none() {
+            b.snapshot = Some(open_snapshot(&self.config.database_url).await?);
+        }
+        let snapshot = b.snapshot.as_ref().expect("opened above");
+        snapshot.ensure_open()?;
         let rows = self
             .outbox
-            .backfill(&self.conn.client, &b.from, &b.cursor, max)
+            .backfill(&snapshot.client, &b.from, &b.cursor, max)
             .await?;
         if rows.is_empty() {
+            // Dropping the connection ends its transaction (and the snapshot).
             let done = self.backfill.take().expect("checked above");
             self.outbox
                 .set_backfill(&self.conn.client, &self.slot, None)
