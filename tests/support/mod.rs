@@ -337,7 +337,14 @@ impl Scenario {
 
     pub fn config_path(&self) -> PathBuf {
         let path = self.dir.join("relay.toml");
-        std::fs::write(&path, self.config_toml()).unwrap();
+        // Written aside and renamed over: a relay started a moment before may be reading it
+        // (a plain write truncates first, and a chaos run's relay once started with an empty
+        // config, all defaults, publishing to a topic that did not exist).
+        let aside = self
+            .dir
+            .join(format!("relay.toml.{}", Uuid::new_v4().simple()));
+        std::fs::write(&aside, self.config_toml()).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
         path
     }
 
