@@ -492,6 +492,22 @@ async fn write_numbered(db: &TestDb, agg: &str, first: u64, n: u64) -> Vec<Writt
     out
 }
 
+/// Starts a relay on a lost slot; returns once it has begun publishing the gap from the table.
+async fn start_repairing(s: &Scenario) -> Relay {
+    let relay = s.start_relay();
+    assert!(
+        relay
+            .wait_for_log(
+                "publishing the outbox rows created since then",
+                Duration::from_secs(30)
+            )
+            .await,
+        "{}",
+        relay.logs()
+    );
+    relay
+}
+
 /// The slot disappears while the relay is down (an operator dropped it, or the database was
 /// restored from a backup without it): events committed in the gap are published from the
 /// table, then streaming resumes on a new slot.
@@ -555,17 +571,7 @@ pub async fn lost_slot_is_repaired(invalidate: bool) {
             .await
             .unwrap();
     }
-    let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log(
-                "publishing the outbox rows created since then",
-                Duration::from_secs(30)
-            )
-            .await,
-        "{}",
-        relay.logs()
-    );
+    let relay = start_repairing(&s).await;
     let after = write_numbered(&s.db, "A", 50, 20).await;
     let all: Vec<Written> = before.iter().chain(&gap).chain(&after).cloned().collect();
     let got = reader.read_until(&all, READ_TIMEOUT).await;
@@ -620,17 +626,7 @@ async fn a_repair_keeps_an_aggregate_in_order_when_an_older_transaction_commits_
         .execute("SELECT pg_drop_replication_slot($1)", &[&s.slot])
         .await
         .unwrap();
-    let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log(
-                "publishing the outbox rows created since then",
-                Duration::from_secs(30)
-            )
-            .await,
-        "{}",
-        relay.logs()
-    );
+    let relay = start_repairing(&s).await;
     // The slot exists: a transaction that began when the 100th gap row was written.
     let started: String = admin
         .query_one(

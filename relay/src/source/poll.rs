@@ -576,22 +576,36 @@ mod tests {
         )
     }
 
+    /// `sort_read` of these rows into an empty batch of `max` and an empty park of `limit`.
+    fn sort(
+        rows: &[(i64, &str)],
+        max: usize,
+        limit: usize,
+        in_flight: &[&str],
+    ) -> (Vec<OutboxEvent>, BTreeMap<i64, OutboxEvent>, HashSet<i64>) {
+        let (mut batch, mut parked, mut out) = (Vec::new(), BTreeMap::new(), HashSet::new());
+        let read = park(rows).into_values().collect();
+        sort_read(
+            read,
+            &mut batch,
+            max,
+            (&mut parked, &mut out, limit),
+            &blocked(in_flight),
+        );
+        (batch, parked, out)
+    }
+
     fn seqs(events: &[OutboxEvent]) -> Vec<i64> {
         events.iter().map(|e| e.seq).collect()
     }
 
     #[test]
     fn rows_read_past_a_full_batch_are_parked_and_go_out_next_in_order() {
-        let read = park(&[(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "d"), (6, "c")])
-            .into_values()
-            .collect();
-        let (mut batch, mut parked, mut out) = (Vec::new(), BTreeMap::new(), HashSet::new());
-        sort_read(
-            read,
-            &mut batch,
+        let (batch, mut parked, out) = sort(
+            &[(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "d"), (6, "c")],
             2,
-            (&mut parked, &mut out, 10),
-            &blocked(&["b"]),
+            10,
+            &["b"],
         );
         // b is in flight: parked. The batch takes a and c; a's and c's later rows, and d,
         // find it full: parked, not dropped (they were read again before).
@@ -605,16 +619,11 @@ mod tests {
 
     #[test]
     fn with_the_park_full_blocked_rows_are_dropped_and_the_batch_still_fills() {
-        let read = park(&[(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b"), (6, "d")])
-            .into_values()
-            .collect();
-        let (mut batch, mut parked, mut out) = (Vec::new(), BTreeMap::new(), HashSet::new());
-        sort_read(
-            read,
-            &mut batch,
+        let (batch, parked, out) = sort(
+            &[(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b"), (6, "d")],
             2,
-            (&mut parked, &mut out, 1),
-            &blocked(&["a"]),
+            1,
+            &["a"],
         );
         // a is in flight: its first row fills the park, its second is dropped (read again);
         // b and c fill the batch; b's next row and d find both full.
