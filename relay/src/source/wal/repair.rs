@@ -37,16 +37,6 @@ pub(super) struct Backfill {
     snapshot: Option<PgConn>,
 }
 
-impl std::fmt::Debug for Backfill {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backfill")
-            .field("from", &self.from)
-            .field("cursor", &self.cursor)
-            .field("published", &self.published)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Backfill {
     fn new(from: PgTimestamp) -> Self {
         Self {
