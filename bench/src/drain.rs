@@ -88,6 +88,10 @@ async fn drain_on(
         (SourceKind::Wal, _) => {
             ctx.log(format!("drain {title}: pgoutput decoding ceiling (peek)"));
             let (rows, t) = pg::peek_ceiling(&db.url, &setup.slot).await?;
+            ctx.log(format!(
+                "drain {title}: the backlog streamed to a plain replication client"
+            ));
+            let streamed = pg::stream_to_plain_client(&db.url, &setup.slot, events).await?;
             let rate = events as f64 / t.as_secs_f64();
             ceilings.wal_source.retain(|w| w.combo != combo.title());
             ceilings.wal_source.push(WalCeiling {
@@ -96,10 +100,16 @@ async fn drain_on(
                 rows,
                 seconds: t.as_secs_f64(),
                 events_per_sec: rate,
+                streamed_seconds: streamed.as_secs_f64(),
+                streamed_events_per_sec: events as f64 / streamed.as_secs_f64(),
             });
             rate
         }
     };
+    // wal: the same drain against the backlog streamed to a plain replication client.
+    let streamed = (ceilings.wal_source.iter())
+        .find(|w| w.combo == combo.title() && combo.source == SourceKind::Wal)
+        .map(|w| w.streamed_events_per_sec);
     let broker_ceiling = match combo.sink {
         SinkKind::Kafka => ceilings.kafka_producer_msgs_per_sec,
         SinkKind::Rabbitmq => ceilings.rabbitmq_publisher_msgs_per_sec,
@@ -244,6 +254,7 @@ async fn drain_on(
         broker_ceiling,
         relay_ceiling,
         ratio_to_ceiling: rate / relay_ceiling,
+        ratio_to_streamed: streamed.map(|s| rate / s.min(broker_ceiling)),
         ratio_to_spread: None,
         duplicates: seen.len() - distinct.len(),
         order_checked: order.checked,

@@ -3,7 +3,8 @@
 //! 1. Ceilings ([`ceilings`]): Postgres commit rate of outbox transactions; a plain producer
 //!    with the relay's settings to Kafka and to RabbitMQ; Postgres alone handing the backlog out
 //!    (pgoutput decoding through `pg_logical_slot_peek_binary_changes` for wal, measured on the
-//!    first drain backlog of each combination; a claim-and-read SQL loop for poll).
+//!    first drain backlog of each combination, with the backlog streamed from a copy of the slot
+//!    to a plain replication client beside it; a claim-and-read SQL loop for poll).
 //! 2. Drain ([`drain`]): a backlog written first, then the real relay binary started; timed
 //!    from its start until a consumer has read every event (poll and wal × Kafka and RabbitMQ),
 //!    for each key distribution of `--workloads` (spread, 10 aggregates, 1 aggregate, Zipf, one

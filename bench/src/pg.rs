@@ -1,6 +1,7 @@
 //! Postgres side of the benchmark: a database per measurement, the writers (backlog, commit-rate
 //! ceiling, paced writers for latency) and the two source ceilings (pgoutput decoding of the
-//! backlog through `pg_logical_slot_peek_binary_changes`, and a plain SQL claim-and-read loop).
+//! backlog through `pg_logical_slot_peek_binary_changes`, with the backlog streamed from a copy
+//! of the slot to a plain replication client beside it, and a plain SQL claim-and-read loop).
 //!
 //! Every event is one transaction of one `INSERT`, as a service writes them (except the
 //! `one-txn` drain backlog: one transaction for all). Its payload is 512 bytes of JSON (as
@@ -422,6 +423,80 @@ pub async fn peek_ceiling(url: &str, slot: &str) -> Result<(i64, Duration)> {
         .context("pg_logical_slot_peek_binary_changes")?
         .get(0);
     Ok((rows, started.elapsed()))
+}
+
+/// The backlog streamed to a plain replication client (reported beside the wal source ceiling,
+/// not as one): the slot copied (so the relay still
+/// gets everything after), then its changes read over the replication protocol with the relay's
+/// settings (pgoutput proto 1, text values, the relay's buffer) by a client that only counts
+/// the Insert messages, until it has seen `events` of them. This is the walsender's work for the
+/// relay (decoding plus sending), which a peek does without the sending. Returns the time.
+pub async fn stream_to_plain_client(url: &str, slot: &str, events: u64) -> Result<Duration> {
+    let client = connect(url).await?;
+    let copy = format!("{slot}_ceiling");
+    client
+        .execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2)",
+            &[&slot, &copy],
+        )
+        .await
+        .context("pg_copy_logical_replication_slot")?;
+    let measured = stream_slot(url, &copy, events).await;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&copy])
+        .await
+        .context("pg_drop_replication_slot")?;
+    measured
+}
+
+async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
+    use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+    let cfg: tokio_postgres::Config = url.parse().context("database url")?;
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let password = cfg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let config = ReplicationConfig::new(
+        host,
+        cfg.get_user().unwrap_or("postgres"),
+        password,
+        cfg.get_dbname().unwrap_or("postgres"),
+        slot,
+        PUBLICATION,
+    )
+    .with_port(cfg.get_ports().first().copied().unwrap_or(5432))
+    .with_buffer_size(1024)
+    .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3");
+    let started = Instant::now();
+    let mut repl = ReplicationClient::connect(config)
+        .await
+        .context("replication connection for the stream to a plain client")?;
+    let mut inserts = 0u64;
+    while inserts < events {
+        let next = tokio::time::timeout(Duration::from_secs(30), repl.recv())
+            .await
+            .with_context(|| {
+                format!("stream to a plain client: nothing for 30 s after {inserts} inserts")
+            })?
+            .context("stream to a plain client")?;
+        match next {
+            Some(ReplicationEvent::XLogData { data, .. }) if data.first() == Some(&b'I') => {
+                inserts += 1
+            }
+            Some(_) => {}
+            None => bail!(
+                "stream to a plain client: the stream ended after {inserts} of {events} inserts"
+            ),
+        }
+    }
+    let took = started.elapsed();
+    repl.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
+    Ok(took)
 }
 
 /// A plain SQL loop that hands the backlog out like the polling publisher, without a broker:
