@@ -442,6 +442,26 @@ pub async fn stream_to_plain_client(url: &str, slot: &str, events: u64) -> Resul
         .await
         .context("pg_copy_logical_replication_slot")?;
     let measured = stream_slot(url, &copy, events).await;
+    // The walsender may still be writing into the socket the client stopped reading: end it,
+    // then drop the copy once Postgres has let go of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active: Option<i32> = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&copy],
+            )
+            .await?
+            .and_then(|row| row.get(0));
+        let Some(pid) = active else { break };
+        if Instant::now() > deadline {
+            bail!("the copy slot {copy} is still held by walsender {pid}");
+        }
+        client
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&copy])
         .await
@@ -494,8 +514,10 @@ async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
         }
     }
     let took = started.elapsed();
+    // Not read any further: the caller ends the walsender (a clean stop would wait for the
+    // client to drain what the server already sent).
     repl.stop();
-    let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
+    drop(repl);
     Ok(took)
 }
 
