@@ -180,13 +180,9 @@ async fn a_disk_full_error_from_postgres_is_retried_and_loses_nothing() {
     let mut reader = s.reader(&["wallet"]).await;
     let mut relay = s.start_relay();
     let written = write_events(&s.db.url, "wallet", 10, 5, 2).await;
-    assert!(
-        relay
-            .wait_for_log("No space left on device", Duration::from_secs(30))
-            .await,
-        "{}",
-        relay.logs()
-    );
+    relay
+        .expect_log("No space left on device", Duration::from_secs(30))
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         relay.exited().is_none(),

@@ -15,13 +15,9 @@ async fn a_100k_event_transaction_is_streamed_with_bounded_relay_memory() {
     s.migrate();
     let mut reader = s.reader(&["wallet"]).await;
     let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
-            .await,
-        "{}",
-        relay.logs()
-    );
+    relay
+        .expect_log("streaming the outbox from the WAL", Duration::from_secs(30))
+        .await;
     // 100,000 events of ~1.5 KB (150 MB of payload) over 1,000 aggregates, in ONE transaction.
     let rows = s
         .db
@@ -73,11 +69,9 @@ async fn the_slot_advances_while_the_outbox_is_idle_and_other_tables_take_100_mb
     let slot = s.slot.clone();
     s.migrate();
     let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
-            .await
-    );
+    relay
+        .expect_log("streaming the outbox from the WAL", Duration::from_secs(30))
+        .await;
     let client = s.db.client().await;
     client
         // Stored out of line and uncompressed, so every byte goes through the WAL.
@@ -495,16 +489,12 @@ async fn write_numbered(db: &TestDb, agg: &str, first: u64, n: u64) -> Vec<Writt
 /// Starts a relay on a lost slot; returns once it has begun publishing the gap from the table.
 async fn start_repairing(s: &Scenario) -> Relay {
     let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log(
-                "publishing the outbox rows created since then",
-                Duration::from_secs(30)
-            )
-            .await,
-        "{}",
-        relay.logs()
-    );
+    relay
+        .expect_log(
+            "publishing the outbox rows created since then",
+            Duration::from_secs(30),
+        )
+        .await;
     relay
 }
 
@@ -581,13 +571,9 @@ pub async fn lost_slot_is_repaired(invalidate: bool) {
         if invalidate { "invalidated" } else { "dropped" }
     );
     t.assert_complete_and_ordered();
-    assert!(
-        relay
-            .wait_for_log("repair of the slot's gap complete", Duration::from_secs(10))
-            .await,
-        "{}",
-        relay.logs()
-    );
+    relay
+        .expect_log("repair of the slot's gap complete", Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -777,13 +763,9 @@ async fn two_databases_on_one_cluster_each_get_their_own_default_slot() {
     let mut readers = [a.reader(&["wallet"]).await, b.reader(&["wallet"]).await];
     let relays = [a.start_relay(), b.start_relay()];
     for relay in &relays {
-        assert!(
-            relay
-                .wait_for_log("streaming the outbox from the WAL", Duration::from_secs(30))
-                .await,
-            "{}",
-            relay.logs()
-        );
+        relay
+            .expect_log("streaming the outbox from the WAL", Duration::from_secs(30))
+            .await;
     }
     for (i, s) in [&a, &b].into_iter().enumerate() {
         let written = write_events(&s.db.url, "wallet", 5, 4, 1).await;
@@ -843,16 +825,12 @@ async fn an_upgrade_keeps_the_slot_of_the_former_default_name_and_its_position()
     );
     let mut reader = s.reader(&["wallet"]).await;
     let relay = s.start_relay();
-    assert!(
-        relay
-            .wait_for_log(
-                "using the replication slot of the former default name",
-                Duration::from_secs(30)
-            )
-            .await,
-        "{}",
-        relay.logs()
-    );
+    relay
+        .expect_log(
+            "using the replication slot of the former default name",
+            Duration::from_secs(30),
+        )
+        .await;
     let id: String = client
         .query_one(
             &format!(

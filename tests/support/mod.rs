@@ -542,6 +542,15 @@ impl Relay {
         }
         false
     }
+
+    /// Waits for `needle` in the relay's log; fails the test with the log if it does not come.
+    pub async fn expect_log(&self, needle: &str, timeout: Duration) {
+        assert!(
+            self.wait_for_log(needle, timeout).await,
+            "the relay did not log `{needle}` within {timeout:?}:\n{}",
+            self.logs()
+        );
+    }
 }
 
 impl Relay {
