@@ -21,21 +21,22 @@ pub struct Relation {
     pub columns: Vec<Column>,
 }
 
-/// One column value of a tuple, in text format.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
+/// One column value of a tuple, in text format: a slice of the message it was decoded from
+/// (the event copies what it keeps, once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value<'a> {
     Null,
     /// An unchanged TOASTed value (only in updates; never in an insert).
     Unchanged,
-    Text(Vec<u8>),
+    Text(&'a [u8]),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Relation(Relation),
     Insert {
         relation: u32,
-        values: Vec<Value>,
+        values: Vec<Value<'a>>,
     },
     /// Anything the relay does not act on.
     Other(u8),
@@ -87,7 +88,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn decode(data: &[u8]) -> Result<Message, String> {
+pub fn decode(data: &[u8]) -> Result<Message<'_>, String> {
     let mut r = Reader { buf: data, pos: 0 };
     let tag = r.u8()?;
     match tag {
@@ -127,7 +128,7 @@ pub fn decode(data: &[u8]) -> Result<Message, String> {
                     b'u' => Value::Unchanged,
                     b't' | b'b' => {
                         let len = r.u32()? as usize;
-                        Value::Text(r.take(len)?.to_vec())
+                        Value::Text(r.take(len)?)
                     }
                     other => return Err(format!("unknown tuple column kind {other:#x}")),
                 });
@@ -241,7 +242,7 @@ mod tests {
             decode(&ins).unwrap(),
             Message::Insert {
                 relation: 16385,
-                values: vec![Value::Text(b"abc".to_vec()), Value::Null]
+                values: vec![Value::Text(b"abc"), Value::Null]
             }
         );
         assert!(

@@ -90,7 +90,13 @@ impl ColumnMap {
             Some(Value::Text(b)) if self.payload_bytea => pgoutput::bytea_from_text(b)
                 .map_err(|e| defect = Some(e))
                 .ok(),
-            Some(Value::Text(b)) => Some(b.clone()),
+            Some(Value::Text(b)) => Some(b.to_vec()),
+            _ => None,
+        };
+        let created_at_ms = match self.created_at.and_then(|i| values.get(i)) {
+            Some(Value::Text(b)) => std::str::from_utf8(b)
+                .ok()
+                .and_then(pgoutput::timestamptz_millis),
             _ => None,
         };
         let columns = RowColumns {
@@ -102,7 +108,7 @@ impl ColumnMap {
             headers: opt(self.headers),
             traceparent: opt(self.traceparent),
             tracestate: opt(self.tracestate),
-            created_at_ms: opt(self.created_at).and_then(|t| pgoutput::timestamptz_millis(&t)),
+            created_at_ms,
             columns: (self.template_columns.iter())
                 .map(|(name, i)| (name.clone(), text(*i)))
                 .collect(),
