@@ -21,6 +21,10 @@ pub(crate) struct Args {
     /// The relay binary under test (a release build).
     #[arg(long, default_value = "target/release/outbox-relay")]
     pub(crate) relay_bin: PathBuf,
+    /// The cargo profile the relay and this harness were built with (`scripts/bench` sets it); the
+    /// report says so, and that its figures are not performance unless it is `release`.
+    #[arg(long, default_value = "release")]
+    pub(crate) relay_build: String,
     /// Where report.md, report.json and latency.svg go [default: bench/results].
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -106,11 +110,14 @@ pub(crate) fn command_line() -> String {
     let mut out = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        if a == "--relay-bin" || a == "--out" {
+        if a == "--relay-bin" || a == "--out" || a == "--relay-build" {
             args.next();
             continue;
         }
-        if a.starts_with("--relay-bin=") || a.starts_with("--out=") {
+        if a.starts_with("--relay-bin=")
+            || a.starts_with("--out=")
+            || a.starts_with("--relay-build=")
+        {
             continue;
         }
         out.push(' ');

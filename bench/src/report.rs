@@ -58,6 +58,8 @@ pub struct Settings {
     pub arguments: String,
     /// Relay settings changed from the defaults (`--relay-env`).
     pub relay_env: Vec<String>,
+    /// The cargo profile of the relay and the harness (`--relay-build`).
+    pub relay_build: String,
 }
 
 impl Settings {
@@ -672,8 +674,9 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "| relay | `{}`, release build, {} |",
+            "| relay | `{}`, {} build, {} |",
             m.relay_commit,
+            s.relay_build,
             if s.relay_env.is_empty() {
                 "default settings (delivery.batch_size = 1000), 3 partitions".to_string()
             } else {
@@ -688,6 +691,14 @@ impl Report {
             "| load average (1/5/15 min) | before {} · after {} |",
             m.load_before, m.load_after
         );
+        if s.relay_build != "release" {
+            let _ = writeln!(
+                o,
+                "\n**The relay and this harness are a `{}` build, not the release one: the figures \
+                 below show that every phase runs, not how fast the relay is.**",
+                s.relay_build
+            );
+        }
         let _ = writeln!(
             o,
             "\nWorkload: {} events per backlog over {} aggregates, {}-byte JSON payloads, one event per \
@@ -1394,6 +1405,7 @@ mod tests {
                 kill_secs: 1,
                 kills: 3,
                 relay_env: vec![],
+                relay_build: "release".into(),
                 arguments: String::new(),
             },
             Measured::default(),

@@ -65,6 +65,7 @@ pub(crate) async fn run(args: Args) -> Result<Report> {
         kill_secs: args.kill_secs.unwrap_or(if quick { 5 } else { 15 }),
         kills: args.kills,
         relay_env: args.relay_env.clone(),
+        relay_build: args.relay_build.clone(),
         arguments: command_line(),
     };
     if let Some(bad) = args.relay_env.iter().find(|kv| !kv.contains('=')) {
