@@ -1,8 +1,8 @@
 //! The two fault measurements of the benchmark, for each source × sink combination:
 //!
 //! - **Failure isolation**: healthy commit→consumer latency at a moderate rate, first with
-//!   nothing failing (baseline), then with ONE extra aggregate whose every publish fails, on
-//!   the same relay. RabbitMQ fails it transiently: a queue with `x-max-length = 0` and
+//!   nothing failing (baseline), then with ONE extra aggregate whose every publish fails, each
+//!   on a relay, database and topic or exchange of its own. RabbitMQ fails it transiently: a queue with `x-max-length = 0` and
 //!   `x-overflow = reject-publish` is bound to its routing key, so every publish routed there is
 //!   nacked. Kafka fails it permanently: its topic does not exist and the relay may not create
 //!   it; a permanent refusal counts toward `delivery.max_attempts` (engine/mod.rs `settle`), so
@@ -25,7 +25,7 @@ use crate::ctx::Ctx;
 use crate::latency::PacedRun;
 use crate::pg::{self, BenchDb, now_us};
 use crate::relay::{self, Setup};
-use crate::report::{Isolation, KillRun};
+use crate::report::{Isolation, KillRun, Latency};
 use crate::stats;
 use crate::workload::OrderCheck;
 use crate::{amqp, kafka};
@@ -40,13 +40,15 @@ const DEAD_LETTERED: &str = "outbox_relay_dead_letters_total";
 const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 const DEFAULT_BATCH_SIZE: usize = 1000;
 
-/// The failure-isolation run of one combination, in a database of its own; the database, topic
-/// or exchange and queues are removed whatever the outcome.
+/// The failure-isolation run of one combination: the baseline and the measurement with a
+/// failing aggregate, each on a relay, database and topic or exchange of its own, created for it
+/// and removed after it whatever the outcome. Separate, so that both start from the same broker
+/// state: tansu's in-memory storage lists every batch a partition holds on each fetch, so on a
+/// shared topic the second measurement's consumer would be slower for that alone (its CPU
+/// doubled over 40 s at a steady 800 events/s).
 pub async fn isolation(ctx: &mut Ctx, combo: Combo) -> Result<Isolation> {
-    let label = format!("{}_iso", combo.label());
-    let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
-    let mut setup = ctx.setup(combo, &db, "iso");
-    // Before --relay-env, which may still override them.
+    let s = ctx.settings.clone();
+    // Before --relay-env, which may still override them. The same in both measurements.
     let mut env: Vec<(String, String)> = vec![
         ("RELAY_DELIVERY__MAX_ATTEMPTS".into(), "1000000".into()),
         ("RELAY_DELIVERY__BACKOFF_INITIAL".into(), "50ms".into()),
@@ -55,18 +57,97 @@ pub async fn isolation(ctx: &mut Ctx, combo: Combo) -> Result<Isolation> {
     if combo.sink == SinkKind::Kafka {
         env.push(("RELAY_KAFKA__CREATE_TOPICS".into(), "false".into()));
     }
-    let relay_env = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    env.append(&mut setup.extra_env);
-    setup.extra_env = env;
-    let result = isolation_on(ctx, &db, &setup, relay_env).await;
+    let relay_env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let (baseline, _) = isolation_phase(ctx, combo, &env, false).await?;
+    let (with_failure, failing) = isolation_phase(ctx, combo, &env, true).await?;
+    let failing = failing.context("the failing measurement reported no failing aggregate")?;
+    if failing.publish_failures == Some(0.0) {
+        ctx.notes.push(format!(
+            "isolation {}: the relay counted no publish failure during the failing run: the failing aggregate did not fail as intended",
+            combo.title()
+        ));
+    }
+    for (run, l) in [("baseline", &baseline), ("with failure", &with_failure)] {
+        behind_note(
+            ctx,
+            &format!("isolation {} ({run})", combo.title()),
+            l.offered_per_sec,
+            l.achieved_per_sec,
+        );
+    }
+    let limit = |b: f64| (2.0 * b).max(b + 100.0);
+    let limit_ms = limit(baseline.commit_to_consumer.p99_ms);
+    let ack_limit_ms = baseline.commit_to_ack.as_ref().map(|a| limit(a.p99_ms));
+    let ack_met = match (&with_failure.commit_to_ack, ack_limit_ms) {
+        (Some(a), Some(l)) => Some(a.p99_ms <= l),
+        _ => None,
+    };
+    let (retrying_max, above, scrapes) = failing.retrying;
+    Ok(Isolation {
+        combo: combo.title(),
+        failure: failing.description,
+        failure_kind: failure_kind(combo).into(),
+        failing_aggregate_type: FAILING_TYPE.into(),
+        failing_per_sec: s.isolation_failing_rate,
+        failing_written: failing.written,
+        relay_env,
+        met: with_failure.commit_to_consumer.p99_ms <= limit_ms,
+        limit_ms,
+        ack_limit_ms,
+        ack_met,
+        baseline,
+        with_failure,
+        publish_failures: failing.publish_failures,
+        dead_lettered: failing.dead_lettered,
+        retrying_aggregates_max: retrying_max,
+        retrying_scrapes: (above, scrapes),
+    })
+}
+
+fn failure_kind(combo: Combo) -> &'static str {
+    match combo.sink {
+        SinkKind::Kafka => "permanent",
+        SinkKind::Rabbitmq => "transient",
+    }
+}
+
+/// What the measurement with a failing aggregate saw of it.
+struct Failing {
+    /// How it fails (with the names of this measurement's topic or queue).
+    description: String,
+    /// Its events committed during the measurement and the second before it.
+    written: u64,
+    publish_failures: Option<f64>,
+    dead_lettered: Option<f64>,
+    /// `outbox_relay_retrying_aggregates`: highest, scrapes above 0, scrapes.
+    retrying: (Option<f64>, usize, usize),
+}
+
+/// One of the two measurements, in a database of its own (`<combo>_iso` for the baseline,
+/// `<combo>_isofail` with the failing aggregate); the database, topic or exchange and queues are
+/// removed whatever the outcome.
+async fn isolation_phase(
+    ctx: &mut Ctx,
+    combo: Combo,
+    env: &[(String, String)],
+    failing: bool,
+) -> Result<(Latency, Option<Failing>)> {
+    let phase = if failing { "isofail" } else { "iso" };
+    let label = format!("{}_{phase}", combo.label());
+    let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, &label).await?;
+    let mut setup = ctx.setup(combo, &db, phase);
+    let mut extra = env.to_vec();
+    extra.append(&mut setup.extra_env);
+    setup.extra_env = extra;
+    let result = isolation_on(ctx, &db, &setup, failing).await;
     ctx.cleanup_broker(&setup).await;
     if combo.sink == SinkKind::Rabbitmq {
         amqp::delete_queue(&ctx.args.amqp_url, &refusing_queue(&setup)).await;
     }
     let dropped = db.drop_now().await;
-    let i = result?;
+    let measured = result?;
     dropped?;
-    Ok(i)
+    Ok(measured)
 }
 
 fn refusing_queue(setup: &Setup) -> String {
@@ -77,12 +158,13 @@ async fn isolation_on(
     ctx: &mut Ctx,
     db: &BenchDb,
     setup: &Setup,
-    relay_env: Vec<String>,
-) -> Result<Isolation> {
+    failing: bool,
+) -> Result<(Latency, Option<Failing>)> {
     let s = ctx.settings.clone();
     let combo = setup.combo;
     setup.migrate()?;
-    let failure = match combo.sink {
+    // The same broker set-up in both measurements; only the failing one writes to it.
+    let description = match combo.sink {
         SinkKind::Kafka => {
             // The relay may not create topics in this run: the healthy one is made here, the
             // failing aggregate's (`<destination>.bench_fail`) never is.
@@ -111,10 +193,6 @@ async fn isolation_on(
             format!("`{FAILING_TYPE}`: queue x-max-length = 0, reject-publish (nack)")
         }
     };
-    let failure_kind = match combo.sink {
-        SinkKind::Kafka => "permanent",
-        SinkKind::Rabbitmq => "transient",
-    };
     let mut relay = setup.start()?;
     relay
         .wait_for_log("relay started", Duration::from_secs(30))
@@ -128,35 +206,44 @@ async fn isolation_on(
         secs: s.isolation_secs,
         aggregates: s.isolation_aggregates,
     };
+    if !failing {
+        ctx.log(format!(
+            "isolation {}: baseline, {} events/s over {} aggregates for {} s",
+            combo.title(),
+            run.rate,
+            run.aggregates,
+            run.secs
+        ));
+        let baseline = ctx
+            .paced_run(
+                db,
+                setup,
+                &relay,
+                metrics_addr.as_deref(),
+                run,
+                &mut written,
+            )
+            .await?;
+        relay.check_alive()?;
+        relay.stop();
+        return Ok((baseline, None));
+    }
+
     ctx.log(format!(
-        "isolation {}: baseline, {} events/s over {} aggregates for {} s",
+        "isolation {}: with one failing aggregate ({}) at {} events/s, {} events/s over {} aggregates for {} s",
         combo.title(),
+        failure_kind(combo),
+        s.isolation_failing_rate,
         run.rate,
         run.aggregates,
         run.secs
-    ));
-    let baseline = ctx
-        .paced_run(
-            db,
-            setup,
-            &relay,
-            metrics_addr.as_deref(),
-            run,
-            &mut written,
-        )
-        .await?;
-
-    ctx.log(format!(
-        "isolation {}: with one failing aggregate ({failure_kind}) at {} events/s",
-        combo.title(),
-        s.isolation_failing_rate
     ));
     let before = match &metrics_addr {
         Some(addr) => relay::scrape(addr).await.ok(),
         None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let failing = tokio::spawn({
+    let failing_writer = tokio::spawn({
         let (url, stop, rate) = (db.url.clone(), stop.clone(), s.isolation_failing_rate);
         async move { pg::paced_aggregate_writer(&url, FAILING_TYPE, rate, stop).await }
     });
@@ -196,8 +283,8 @@ async fn isolation_on(
         )
         .await;
     stop.store(true, Ordering::Relaxed);
-    let failing_written = failing.await.context("failing writer panicked")?;
-    let (retrying_max, above, scrapes) = sampler.await.context("metrics sampler panicked")?;
+    let failing_written = failing_writer.await.context("failing writer panicked")?;
+    let retrying = sampler.await.context("metrics sampler panicked")?;
     let with_failure = with_failure?;
     let failing_written = failing_written?;
     let after = match &metrics_addr {
@@ -212,47 +299,16 @@ async fn isolation_on(
         }
         _ => None,
     };
-    let publish_failures = delta(PUBLISH_FAILURES);
-    if publish_failures == Some(0.0) {
-        ctx.notes.push(format!(
-            "isolation {}: the relay counted no publish failure during the failing run: the failing aggregate did not fail as intended",
-            combo.title()
-        ));
-    }
-    for (run, l) in [("baseline", &baseline), ("with failure", &with_failure)] {
-        behind_note(
-            ctx,
-            &format!("isolation {} ({run})", combo.title()),
-            l.offered_per_sec,
-            l.achieved_per_sec,
-        );
-    }
-    let limit = |b: f64| (2.0 * b).max(b + 100.0);
-    let limit_ms = limit(baseline.commit_to_consumer.p99_ms);
-    let ack_limit_ms = baseline.commit_to_ack.as_ref().map(|a| limit(a.p99_ms));
-    let ack_met = match (&with_failure.commit_to_ack, ack_limit_ms) {
-        (Some(a), Some(l)) => Some(a.p99_ms <= l),
-        _ => None,
-    };
-    Ok(Isolation {
-        combo: combo.title(),
-        failure,
-        failure_kind: failure_kind.into(),
-        failing_aggregate_type: FAILING_TYPE.into(),
-        failing_per_sec: s.isolation_failing_rate,
-        failing_written,
-        relay_env,
-        met: with_failure.commit_to_consumer.p99_ms <= limit_ms,
-        limit_ms,
-        ack_limit_ms,
-        ack_met,
-        baseline,
+    Ok((
         with_failure,
-        publish_failures,
-        dead_lettered: delta(DEAD_LETTERED),
-        retrying_aggregates_max: retrying_max,
-        retrying_scrapes: (above, scrapes),
-    })
+        Some(Failing {
+            description,
+            written: failing_written,
+            publish_failures: delta(PUBLISH_FAILURES),
+            dead_lettered: delta(DEAD_LETTERED),
+            retrying,
+        }),
+    ))
 }
 
 /// The SIGKILL run of one combination, in a database of its own.

@@ -193,7 +193,8 @@ pub struct Latency {
 }
 
 /// Failure isolation: healthy latency with nothing failing, then with one extra
-/// aggregate whose every publish fails, on the same relay.
+/// aggregate whose every publish fails, each on a relay (and database, topic or exchange) of its
+/// own.
 #[derive(Debug, Clone, Serialize)]
 pub struct Isolation {
     pub combo: String,
@@ -1006,7 +1007,7 @@ impl Report {
             "The relay ceiling is min(source ceiling, broker ceiling); the ceilings run alone, the drain runs source, relay, broker and consumer at once on 2 cores.",
             "Kafka: topic created up front with 3 partitions; the consumer assigns them from the beginning. RabbitMQ: durable topic exchange and a durable queue bound with `#`, consumed with no-ack.",
             "Footprint: VmHWM of /proc/<pid>/status and utime+stime of /proc/<pid>/stat of the relay process.",
-            "Failure isolation: the failing aggregate has aggregate type `bench_fail`. RabbitMQ (transient): a durable queue with `x-max-length = 0` and `x-overflow = reject-publish` bound with `bench_fail.#`, so RabbitMQ nacks every publish routed there; the healthy queue is bound with `bench.#` only. Kafka (permanent): its topic does not exist and the relay runs with `kafka.create_topics = false` (the harness creates the healthy topic), so every attempt is refused as permanent; `delivery.max_attempts = 1000000` keeps it from being dead-lettered (a permanent failure counts toward max_attempts, engine/mod.rs `settle`), backoff 50 ms to 1 s so it is retried throughout. Both measurements run on one relay with these settings.",
+            "Failure isolation: the failing aggregate has aggregate type `bench_fail`. RabbitMQ (transient): a durable queue with `x-max-length = 0` and `x-overflow = reject-publish` bound with `bench_fail.#`, so RabbitMQ nacks every publish routed there; the healthy queue is bound with `bench.#` only. Kafka (permanent): its topic does not exist and the relay runs with `kafka.create_topics = false` (the harness creates the healthy topic), so every attempt is refused as permanent; `delivery.max_attempts = 1000000` keeps it from being dead-lettered (a permanent failure counts toward max_attempts, engine/mod.rs `settle`), backoff 50 ms to 1 s so it is retried throughout. Both measurements use these settings, each on a relay, database and topic or exchange of its own (tansu's in-memory storage lists every batch of a partition on each fetch, so a topic's consumer slows down as the topic fills: a second measurement on the baseline's topic would be slower for that alone).",
             "Duplicates per SIGKILL: the consumer reads from before the first event; it stops once it has read every committed event, so a duplicate read after the last new event would not be counted (re-sends follow a restart, before newer events).",
         ] {
             let _ = writeln!(o, "- {line}");
@@ -1029,8 +1030,8 @@ impl Report {
         let _ = writeln!(o, "## Failure isolation\n");
         let _ = writeln!(
             o,
-            "One relay per combination, healthy writers at {} events/s over {} aggregates for {} s with nothing failing \
-             (baseline), then again for {} s with ONE extra aggregate of its own aggregate type written at {} events/s \
+            "Two relays per combination, each with a database and a topic or exchange of its own: healthy writers at {} \
+             events/s over {} aggregates for {} s with nothing failing (baseline), then the same for {} s with ONE extra aggregate of its own aggregate type written at {} events/s \
              whose every publish fails (it starts failing 1 s before the second measurement and goes on until its end). \
              Latencies of healthy events only, measured as in the latency section (commit→consumer per event, commit→ack \
              from the relay's histogram between two scrapes; the failing events never reach the healthy consumer). Target \
