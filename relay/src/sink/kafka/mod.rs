@@ -550,7 +550,7 @@ impl Sink for KafkaSink {
         // key names, a NULL payload without tombstones): known before anything is sent.
         // (Copies of the templates: what they render may borrow them across `&mut self` calls.)
         let (topic_template, key_template) = (self.topic.clone(), self.key.clone());
-        let routes: Vec<Result<Route<'_>, PublishError>> = events
+        let routes: Vec<Result<(String, Cow<'_, str>), PublishError>> = events
             .iter()
             .map(|e| {
                 let topic = topic_template.render(e).map_err(PublishError::permanent)?;
@@ -560,22 +560,21 @@ impl Sink for KafkaSink {
                         "the payload is NULL; set kafka.tombstone_on_null_payload = true to send such rows as tombstones (the key with a null value)",
                     ));
                 }
-                Ok((topic, key))
+                Ok((topic.into_owned(), key))
             })
             .collect();
-        // Each topic of the batch once: its name, shared by its deliveries, and its status.
-        let mut topics: HashMap<&str, (Arc<str>, Result<(), PublishError>)> = HashMap::new();
+        let mut topic_status: HashMap<String, Result<(), PublishError>> = HashMap::new();
         for (topic, _) in routes.iter().flatten() {
-            if !topics.contains_key(&**topic) {
+            if !topic_status.contains_key(topic) {
                 let status = self.ensure_topic(topic).await;
-                topics.insert(topic, (Arc::from(&**topic), status));
+                topic_status.insert(topic.clone(), status);
             }
         }
 
         enum Pending {
             Sent(
                 rdkafka::producer::DeliveryFuture,
-                Arc<str>,
+                String,
                 PublishSpan,
                 InFlight,
             ),
@@ -585,12 +584,11 @@ impl Sink for KafkaSink {
         // Aggregates with an event refused before it reached the producer: their later events
         // are not produced either, so they cannot reach the broker ahead of it.
         let mut refused: HashSet<(&str, &str)> = HashSet::new();
-        for (event, route) in events.iter().zip(&routes) {
+        for (event, route) in events.iter().zip(routes) {
             let key = (event.aggregate_type.as_str(), event.aggregate_id.as_str());
             let (topic, message_key) = match route {
-                Ok((topic, message_key)) => (topic, message_key),
+                Ok(route) => route,
                 Err(e) => {
-                    let e = e.clone();
                     refused.insert(key);
                     let span = start_publish_span(
                         event,
@@ -608,12 +606,11 @@ impl Sink for KafkaSink {
                 event,
                 &Destination {
                     system: "kafka",
-                    name: topic,
+                    name: &topic,
                     routing_key: None,
                 },
             );
-            let (topic, status) = &topics[&**topic];
-            if let Err(e) = status {
+            if let Some(Err(e)) = topic_status.get(&topic) {
                 refused.insert(key);
                 pending.push(Pending::Failed(e.clone(), span));
                 continue;
@@ -637,7 +634,7 @@ impl Sink for KafkaSink {
                     value: Some(value.as_bytes()),
                 });
             }
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                 .key(message_key.as_bytes())
                 .headers(headers);
             if let Some(body) = &wire.body {
@@ -660,10 +657,10 @@ impl Sink for KafkaSink {
             match sent {
                 Ok(delivery) => {
                     let counted = InFlight::new(&self.in_flight);
-                    pending.push(Pending::Sent(delivery, topic.clone(), span, counted));
+                    pending.push(Pending::Sent(delivery, topic, span, counted));
                 }
                 Err(e) => {
-                    note_failure(&self.reports, &e, topic);
+                    note_failure(&self.reports, &e, &topic);
                     refused.insert(key);
                     pending.push(Pending::Failed(classify(&e), span));
                 }
@@ -708,9 +705,6 @@ impl Sink for KafkaSink {
         "kafka"
     }
 }
-
-/// Where an event goes: its rendered topic and message key.
-type Route<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 impl Drop for KafkaSink {
     fn drop(&mut self) {
