@@ -214,65 +214,23 @@ async fn isolation_on(
             run.aggregates,
             run.secs
         ));
-        let baseline = ctx
-            .paced_run(
-                db,
-                setup,
-                &relay,
-                metrics_addr.as_deref(),
-                run,
-                &mut written,
-            )
-            .await?;
-        relay.check_alive()?;
-        relay.stop();
-        return Ok((baseline, None));
+    } else {
+        ctx.log(format!(
+            "isolation {}: with one failing aggregate ({}) at {} events/s, {} events/s over {} aggregates for {} s",
+            combo.title(),
+            failure_kind(combo),
+            s.isolation_failing_rate,
+            run.rate,
+            run.aggregates,
+            run.secs
+        ));
     }
-
-    ctx.log(format!(
-        "isolation {}: with one failing aggregate ({}) at {} events/s, {} events/s over {} aggregates for {} s",
-        combo.title(),
-        failure_kind(combo),
-        s.isolation_failing_rate,
-        run.rate,
-        run.aggregates,
-        run.secs
-    ));
-    let before = match &metrics_addr {
-        Some(addr) => relay::scrape(addr).await.ok(),
-        None => None,
+    let side = if failing {
+        Some(FailingSide::start(db, metrics_addr.clone(), s.isolation_failing_rate).await)
+    } else {
+        None
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let failing_writer = tokio::spawn({
-        let (url, stop, rate) = (db.url.clone(), stop.clone(), s.isolation_failing_rate);
-        async move { pg::paced_aggregate_writer(&url, FAILING_TYPE, rate, stop).await }
-    });
-    // The gauge, every 250 ms while the failing run lasts: (highest, scrapes above 0, scrapes).
-    let sampler = tokio::spawn({
-        let (addr, stop) = (metrics_addr.clone(), stop.clone());
-        async move {
-            let mut highest: Option<f64> = None;
-            let (mut above, mut scrapes) = (0, 0);
-            while let Some(addr) = addr.as_deref()
-                && !stop.load(Ordering::Relaxed)
-            {
-                if let Ok(m) = relay::scrape(addr).await {
-                    scrapes += 1;
-                    if let Some(v) = stats::total(&m, RETRYING_AGGREGATES) {
-                        highest = Some(highest.map_or(v, |h: f64| h.max(v)));
-                        if v > 0.0 {
-                            above += 1;
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            (highest, above, scrapes)
-        }
-    });
-    // Failing already when the measurement starts.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let with_failure = ctx
+    let measured = ctx
         .paced_run(
             db,
             setup,
@@ -282,33 +240,97 @@ async fn isolation_on(
             &mut written,
         )
         .await;
-    stop.store(true, Ordering::Relaxed);
-    let failing_written = failing_writer.await.context("failing writer panicked")?;
-    let retrying = sampler.await.context("metrics sampler panicked")?;
-    let with_failure = with_failure?;
-    let failing_written = failing_written?;
-    let after = match &metrics_addr {
-        Some(addr) => relay::scrape(addr).await.ok(),
+    let failing = match side {
+        Some(side) => Some(side.finish(description).await?),
         None => None,
     };
+    let measured = measured?;
     relay.check_alive()?;
     relay.stop();
-    let delta = |name: &str| match (&before, &after) {
-        (Some(b), Some(a)) => {
-            Some(stats::total(a, name).unwrap_or(0.0) - stats::total(b, name).unwrap_or(0.0))
+    Ok((measured, failing))
+}
+
+/// The failing aggregate's writer and the sampler of the retrying-aggregates gauge, running
+/// beside the healthy writers of the failing measurement.
+struct FailingSide {
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<Result<u64>>,
+    sampler: tokio::task::JoinHandle<(Option<f64>, usize, usize)>,
+    metrics_addr: Option<String>,
+    before: Option<String>,
+}
+
+impl FailingSide {
+    /// Starts writing the failing aggregate and returns once it has failed for a second, so it
+    /// is failing already when the measurement starts.
+    async fn start(db: &BenchDb, metrics_addr: Option<String>, rate: u64) -> Self {
+        let before = match &metrics_addr {
+            Some(addr) => relay::scrape(addr).await.ok(),
+            None => None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (url, stop) = (db.url.clone(), stop.clone());
+            async move { pg::paced_aggregate_writer(&url, FAILING_TYPE, rate, stop).await }
+        });
+        // The gauge, every 250 ms while the failing run lasts: (highest, scrapes above 0,
+        // scrapes).
+        let sampler = tokio::spawn({
+            let (addr, stop) = (metrics_addr.clone(), stop.clone());
+            async move {
+                let mut highest: Option<f64> = None;
+                let (mut above, mut scrapes) = (0, 0);
+                while let Some(addr) = addr.as_deref()
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    if let Ok(m) = relay::scrape(addr).await {
+                        scrapes += 1;
+                        if let Some(v) = stats::total(&m, RETRYING_AGGREGATES) {
+                            highest = Some(highest.map_or(v, |h: f64| h.max(v)));
+                            if v > 0.0 {
+                                above += 1;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                (highest, above, scrapes)
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Self {
+            stop,
+            writer,
+            sampler,
+            metrics_addr,
+            before,
         }
-        _ => None,
-    };
-    Ok((
-        with_failure,
-        Some(Failing {
+    }
+
+    /// Stops the failing writer and the sampler; what they saw, with the relay's counters
+    /// over the measurement.
+    async fn finish(self, description: String) -> Result<Failing> {
+        self.stop.store(true, Ordering::Relaxed);
+        let written = self.writer.await.context("failing writer panicked")??;
+        let retrying = self.sampler.await.context("metrics sampler panicked")?;
+        let after = match &self.metrics_addr {
+            Some(addr) => relay::scrape(addr).await.ok(),
+            None => None,
+        };
+        let delta = |name: &str| match (&self.before, &after) {
+            (Some(b), Some(a)) => {
+                Some(stats::total(a, name).unwrap_or(0.0) - stats::total(b, name).unwrap_or(0.0))
+            }
+            _ => None,
+        };
+        Ok(Failing {
             description,
-            written: failing_written,
+            written,
             publish_failures: delta(PUBLISH_FAILURES),
             dead_lettered: delta(DEAD_LETTERED),
             retrying,
-        }),
-    ))
+        })
+    }
 }
 
 /// The SIGKILL run of one combination, in a database of its own.
