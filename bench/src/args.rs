@@ -18,7 +18,8 @@ pub(crate) struct Args {
     /// assertions either way.
     #[arg(long)]
     pub(crate) quick: bool,
-    /// The relay binary under test (a release build).
+    /// The relay binary under test (a release build; `scripts/bench` passes the one of
+    /// BENCH_PROFILE).
     #[arg(long, default_value = "target/release/outbox-relay")]
     pub(crate) relay_bin: PathBuf,
     /// The cargo profile the relay and this harness were built with (`scripts/bench` sets it); the

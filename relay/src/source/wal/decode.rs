@@ -189,6 +189,57 @@ pub(super) fn emitted_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::pgoutput::Column;
+
+    /// An Insert's column values, borrowed from the message, become an event that owns them.
+    #[test]
+    fn an_inserted_row_becomes_an_event() {
+        let rel = |payload_oid: u32| Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            columns: [
+                ("id", 2950),
+                ("aggregate_type", 25),
+                ("aggregate_id", 25),
+                ("event_type", 25),
+                ("payload", payload_oid),
+                ("created_at", 1184),
+            ]
+            .into_iter()
+            .map(|(name, type_oid)| Column {
+                name: name.into(),
+                type_oid,
+            })
+            .collect(),
+        };
+        let row = |payload: &'static [u8]| {
+            vec![
+                Value::Text(b"e1"),
+                Value::Text(b"wallet"),
+                Value::Text(b"w1"),
+                Value::Text(b"CardAdded"),
+                Value::Text(payload),
+                Value::Text(b"2026-11-24 13:14:30.123456+00"),
+            ]
+        };
+        let config = ColumnsConfig::default();
+        let json = ColumnMap::new(&rel(JSONB_OID), &config, &[]).unwrap();
+        let e = json.event(7, &row(br#"{"a": 1}"#));
+        assert_eq!(
+            (e.seq, e.id.as_str(), e.aggregate_id.as_str()),
+            (7, "e1", "w1")
+        );
+        assert_eq!(e.payload.as_deref(), Some(&br#"{"a": 1}"#[..]));
+        assert_eq!(e.created_at_ms, Some(1_795_526_070_123));
+        assert!(e.validate().is_ok());
+
+        let bytea = ColumnMap::new(&rel(BYTEA_OID), &config, &[]).unwrap();
+        let e = bytea.event(8, &row(b"\\x7b7d"));
+        assert_eq!(e.payload.as_deref(), Some(&b"{}"[..]));
+        let bad = bytea.event(9, &row(b"{}"));
+        assert!(bad.validate().unwrap_err().contains("hex"));
+    }
 
     #[test]
     fn emitted_message_becomes_an_event_or_a_defect() {
