@@ -13,6 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -27,6 +28,60 @@ pub enum SslMode {
     Require,
     VerifyCa,
     VerifyFull,
+}
+
+/// Which of the settings that notice a vanished server `DATABASE_URL` sets itself.
+///
+/// A server that goes away without closing the connection (its host lost power, a failover
+/// moved its address, a NAT or load balancer forgot the connection) sends nothing more, and by
+/// default the operating system notices only after about two hours of silence. Unless the URL
+/// says otherwise the relay's connections ask the kernel to notice within about 30 s: keep-alive
+/// probes after 10 s of silence, every 5 s, 3 unanswered ones end the connection
+/// (`keepalives_idle`, `keepalives_interval`, `keepalives_retries` or libpq's
+/// `keepalives_count`), and data the server has not acknowledged for 30 s ends it too
+/// (`tcp_user_timeout`, ms, Linux). The relay then reconnects as after any lost connection.
+#[derive(Debug, Default)]
+struct DeadPeer {
+    idle: bool,
+    interval: bool,
+    /// `0`: the system's default (no limit).
+    user_timeout_ms: Option<u64>,
+    /// Set by the URL; `Some(Some(n))` when given as libpq's `keepalives_count`.
+    retries: Option<Option<u32>>,
+}
+
+impl DeadPeer {
+    const IDLE: Duration = Duration::from_secs(10);
+    const INTERVAL: Duration = Duration::from_secs(5);
+    const RETRIES: u32 = 3;
+    const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn apply(&self, config: &mut tokio_postgres::Config) {
+        if !self.idle {
+            config.keepalives_idle(Self::IDLE);
+        }
+        if !self.interval {
+            config.keepalives_interval(Self::INTERVAL);
+        }
+        match self.retries {
+            None => {
+                config.keepalives_retries(Self::RETRIES);
+            }
+            Some(Some(n)) => {
+                config.keepalives_retries(n);
+            }
+            Some(None) => {}
+        }
+        match self.user_timeout_ms {
+            None => {
+                config.tcp_user_timeout(Self::USER_TIMEOUT);
+            }
+            Some(0) => {}
+            Some(ms) => {
+                config.tcp_user_timeout(Duration::from_millis(ms));
+            }
+        }
+    }
 }
 
 /// `DATABASE_URL`, split into what tokio-postgres takes and the TLS settings.
@@ -64,10 +119,30 @@ impl PgTarget {
         let mut ssl = SslMode::Prefer;
         let mut root_cert = None;
         let mut primary = false;
+        let mut dead_peer = DeadPeer::default();
         let mut take = |key: &str, value: &str| -> Result<bool, String> {
             match key {
                 "sslmode" => ssl = mode(value)?,
                 "sslrootcert" => root_cert = Some(PathBuf::from(value)),
+                "keepalives_idle" => dead_peer.idle = true,
+                "keepalives_interval" => dead_peer.interval = true,
+                // Milliseconds, as in libpq (tokio-postgres would read seconds).
+                "tcp_user_timeout" => {
+                    let ms = value.parse().map_err(|_| {
+                        format!("tcp_user_timeout `{value}` is not a number of milliseconds")
+                    })?;
+                    dead_peer.user_timeout_ms = Some(ms);
+                    return Ok(true);
+                }
+                "keepalives_retries" => dead_peer.retries = Some(None),
+                // libpq's name of what tokio-postgres calls `keepalives_retries`.
+                "keepalives_count" => {
+                    let n = value.parse().map_err(|_| {
+                        format!("keepalives_count `{value}` is not a number of probes")
+                    })?;
+                    dead_peer.retries = Some(Some(n));
+                    return Ok(true);
+                }
                 // libpq's values; tokio-postgres knows `any` and `read-write`. `primary` (a
                 // server not in recovery) is what read-write finds too; a standby cannot
                 // serve the relay, which writes.
@@ -87,7 +162,8 @@ impl PgTarget {
                 },
                 _ => return Ok(false),
             }
-            Ok(true)
+            // The keep-alive settings go on to tokio-postgres as they are.
+            Ok(!key.starts_with("keepalives"))
         };
         let rest = if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
             match raw.split_once('?') {
@@ -134,6 +210,7 @@ impl PgTarget {
                 "it names several hosts without target_session_attrs=read-write: the relay writes (bookkeeping, slot), so add ?target_session_attrs=read-write to connect to the primary among them".into(),
             ));
         }
+        dead_peer.apply(&mut config);
         config.ssl_mode(match ssl {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -290,6 +367,61 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vanished_server_is_noticed_within_about_30_s_unless_the_url_says_otherwise() {
+        for url in ["postgres://u@db/app", "host=db user=u dbname=app"] {
+            let c = PgTarget::parse(&Secret::new(url)).unwrap().config;
+            assert!(c.get_keepalives(), "{url}");
+            assert_eq!(c.get_keepalives_idle(), Duration::from_secs(10), "{url}");
+            assert_eq!(
+                c.get_keepalives_interval(),
+                Some(Duration::from_secs(5)),
+                "{url}"
+            );
+            assert_eq!(c.get_keepalives_retries(), Some(3), "{url}");
+            assert_eq!(
+                c.get_tcp_user_timeout(),
+                Some(&Duration::from_secs(30)),
+                "{url}"
+            );
+        }
+        // libpq's names and units: keepalives_count, tcp_user_timeout in milliseconds.
+        for url in [
+            "postgres://u@db/app?keepalives_idle=60&keepalives_interval=20&keepalives_count=9&tcp_user_timeout=1500",
+            "host=db keepalives_idle=60 keepalives_interval=20 keepalives_count=9 tcp_user_timeout=1500",
+        ] {
+            let c = PgTarget::parse(&Secret::new(url)).unwrap().config;
+            assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60), "{url}");
+            assert_eq!(
+                c.get_keepalives_interval(),
+                Some(Duration::from_secs(20)),
+                "{url}"
+            );
+            assert_eq!(c.get_keepalives_retries(), Some(9), "{url}");
+            assert_eq!(
+                c.get_tcp_user_timeout(),
+                Some(&Duration::from_millis(1500)),
+                "{url}"
+            );
+        }
+        let c = PgTarget::parse(&Secret::new(
+            "postgres://u@db/app?keepalives=0&keepalives_retries=4&tcp_user_timeout=0",
+        ))
+        .unwrap()
+        .config;
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_retries(), Some(4));
+        assert_eq!(c.get_tcp_user_timeout(), None);
+        let e = PgTarget::parse(&Secret::new("postgres://u:pw@db/app?tcp_user_timeout=30s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tcp_user_timeout `30s` is not a number of milliseconds"),
+            "{e}"
+        );
+        assert!(!e.contains("pw"), "{e}");
+    }
 
     #[test]
     fn target_session_attrs_primary_is_read_write_and_a_standby_is_refused() {
