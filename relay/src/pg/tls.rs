@@ -368,42 +368,38 @@ where
 mod tests {
     use super::*;
 
+    /// keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout as
+    /// tokio-postgres gets them.
+    fn dead_peer(url: &str) -> (Duration, Option<Duration>, Option<u32>, Option<Duration>) {
+        let c = PgTarget::parse(&Secret::new(url)).unwrap().config;
+        assert!(c.get_keepalives(), "{url}");
+        (
+            c.get_keepalives_idle(),
+            c.get_keepalives_interval(),
+            c.get_keepalives_retries(),
+            c.get_tcp_user_timeout().copied(),
+        )
+    }
+
     #[test]
     fn a_vanished_server_is_noticed_within_about_30_s_unless_the_url_says_otherwise() {
+        let secs = Duration::from_secs;
         for url in ["postgres://u@db/app", "host=db user=u dbname=app"] {
-            let c = PgTarget::parse(&Secret::new(url)).unwrap().config;
-            assert!(c.get_keepalives(), "{url}");
-            assert_eq!(c.get_keepalives_idle(), Duration::from_secs(10), "{url}");
-            assert_eq!(
-                c.get_keepalives_interval(),
-                Some(Duration::from_secs(5)),
-                "{url}"
-            );
-            assert_eq!(c.get_keepalives_retries(), Some(3), "{url}");
-            assert_eq!(
-                c.get_tcp_user_timeout(),
-                Some(&Duration::from_secs(30)),
-                "{url}"
-            );
+            let defaults = (secs(10), Some(secs(5)), Some(3), Some(secs(30)));
+            assert_eq!(dead_peer(url), defaults, "{url}");
         }
         // libpq's names and units: keepalives_count, tcp_user_timeout in milliseconds.
         for url in [
             "postgres://u@db/app?keepalives_idle=60&keepalives_interval=20&keepalives_count=9&tcp_user_timeout=1500",
             "host=db keepalives_idle=60 keepalives_interval=20 keepalives_count=9 tcp_user_timeout=1500",
         ] {
-            let c = PgTarget::parse(&Secret::new(url)).unwrap().config;
-            assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60), "{url}");
-            assert_eq!(
-                c.get_keepalives_interval(),
-                Some(Duration::from_secs(20)),
-                "{url}"
+            let set = (
+                secs(60),
+                Some(secs(20)),
+                Some(9),
+                Some(Duration::from_millis(1500)),
             );
-            assert_eq!(c.get_keepalives_retries(), Some(9), "{url}");
-            assert_eq!(
-                c.get_tcp_user_timeout(),
-                Some(&Duration::from_millis(1500)),
-                "{url}"
-            );
+            assert_eq!(dead_peer(url), set, "{url}");
         }
         let c = PgTarget::parse(&Secret::new(
             "postgres://u@db/app?keepalives=0&keepalives_retries=4&tcp_user_timeout=0",
