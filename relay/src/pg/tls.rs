@@ -42,12 +42,13 @@ pub enum SslMode {
 /// (`tcp_user_timeout`, ms, Linux). The relay then reconnects as after any lost connection.
 #[derive(Debug, Default)]
 struct DeadPeer {
+    /// `keepalives_idle` and `keepalives_interval` are in the URL (tokio-postgres reads them).
     idle: bool,
     interval: bool,
-    /// `0`: the system's default (no limit).
+    /// `keepalives_retries`, or libpq's `keepalives_count`.
+    retries: Option<u32>,
+    /// `tcp_user_timeout` in milliseconds; `0`: the system's default (no limit).
     user_timeout_ms: Option<u64>,
-    /// Set by the URL; `Some(Some(n))` when given as libpq's `keepalives_count`.
-    retries: Option<Option<u32>>,
 }
 
 impl DeadPeer {
@@ -63,15 +64,7 @@ impl DeadPeer {
         if !self.interval {
             config.keepalives_interval(Self::INTERVAL);
         }
-        match self.retries {
-            None => {
-                config.keepalives_retries(Self::RETRIES);
-            }
-            Some(Some(n)) => {
-                config.keepalives_retries(n);
-            }
-            Some(None) => {}
-        }
+        config.keepalives_retries(self.retries.unwrap_or(Self::RETRIES));
         match self.user_timeout_ms {
             None => {
                 config.tcp_user_timeout(Self::USER_TIMEOUT);
@@ -124,24 +117,28 @@ impl PgTarget {
             match key {
                 "sslmode" => ssl = mode(value)?,
                 "sslrootcert" => root_cert = Some(PathBuf::from(value)),
-                "keepalives_idle" => dead_peer.idle = true,
-                "keepalives_interval" => dead_peer.interval = true,
+                // Read by tokio-postgres; only noted here, so the default is not applied.
+                "keepalives_idle" => {
+                    dead_peer.idle = true;
+                    return Ok(false);
+                }
+                "keepalives_interval" => {
+                    dead_peer.interval = true;
+                    return Ok(false);
+                }
+                // libpq calls it `keepalives_count`, tokio-postgres `keepalives_retries`.
+                "keepalives_count" | "keepalives_retries" => {
+                    let n = value
+                        .parse()
+                        .map_err(|_| format!("{key} `{value}` is not a number of probes"))?;
+                    dead_peer.retries = Some(n);
+                }
                 // Milliseconds, as in libpq (tokio-postgres would read seconds).
                 "tcp_user_timeout" => {
                     let ms = value.parse().map_err(|_| {
                         format!("tcp_user_timeout `{value}` is not a number of milliseconds")
                     })?;
                     dead_peer.user_timeout_ms = Some(ms);
-                    return Ok(true);
-                }
-                "keepalives_retries" => dead_peer.retries = Some(None),
-                // libpq's name of what tokio-postgres calls `keepalives_retries`.
-                "keepalives_count" => {
-                    let n = value.parse().map_err(|_| {
-                        format!("keepalives_count `{value}` is not a number of probes")
-                    })?;
-                    dead_peer.retries = Some(Some(n));
-                    return Ok(true);
                 }
                 // libpq's values; tokio-postgres knows `any` and `read-write`. `primary` (a
                 // server not in recovery) is what read-write finds too; a standby cannot
@@ -162,8 +159,7 @@ impl PgTarget {
                 },
                 _ => return Ok(false),
             }
-            // The keep-alive settings go on to tokio-postgres as they are.
-            Ok(!key.starts_with("keepalives"))
+            Ok(true)
         };
         let rest = if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
             match raw.split_once('?') {
@@ -416,6 +412,14 @@ mod tests {
             e.contains("tcp_user_timeout `30s` is not a number of milliseconds"),
             "{e}"
         );
+        let e = PgTarget::parse(&Secret::new("host=db password=pw keepalives_count=many"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keepalives_count `many` is not a number of probes"),
+            "{e}"
+        );
+        assert!(!e.contains("pw"), "{e}");
         assert!(!e.contains("pw"), "{e}");
     }
 
