@@ -234,7 +234,7 @@ async fn isolation_on(
         .paced_run(
             db,
             setup,
-            &relay,
+            Some(&relay),
             metrics_addr.as_deref(),
             run,
             &mut written,

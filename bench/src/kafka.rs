@@ -24,7 +24,7 @@ use crate::pg::{self, AGGREGATE_TYPE, EVENT_TYPE, TRACEPARENT};
 pub const PARTITIONS: i32 = 3;
 
 /// The relay's producer settings (`relay/src/sink/kafka/mod.rs`, `client_config`).
-fn producer_config(brokers: &str) -> ClientConfig {
+pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "relay-bench")

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::combo::Combo;
+use crate::combo::{Combo, SinkKind, SourceKind};
 use crate::ctx::{Ctx, Seen};
+use crate::floor;
 use crate::pg::{self, BenchDb, now_us};
 use crate::relay::{self, Setup, mib};
 use crate::report::{AckQuantiles, Latency};
@@ -63,7 +64,7 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
             ctx.paced_run(
                 db,
                 setup,
-                &relay,
+                Some(&relay),
                 metrics_addr.as_deref(),
                 paced,
                 &mut written,
@@ -72,6 +73,9 @@ async fn latency_on(ctx: &mut Ctx, db: &BenchDb, setup: &Setup) -> Result<Vec<La
         );
     }
     relay.stop();
+    if combo.source == SourceKind::Wal && combo.sink == SinkKind::Kafka {
+        out.extend(floor::floor(ctx, db, setup, &s.rates, &mut written).await?);
+    }
     Ok(out)
 }
 
@@ -152,7 +156,7 @@ impl Ctx {
         &self,
         db: &BenchDb,
         setup: &Setup,
-        relay: &relay::Relay,
+        relay: Option<&relay::Relay>,
         metrics_addr: Option<&str>,
         run: PacedRun,
         written: &mut u64,
@@ -164,7 +168,7 @@ impl Ctx {
             Some(addr) => relay::scrape(addr).await.ok(),
             None => None,
         };
-        let cpu_before = relay.footprint().cpu_seconds;
+        let cpu_before = relay.map(|r| r.footprint().cpu_seconds);
         // Known once the writers are done: they stop at the end of the run even when behind.
         let target = Arc::new(AtomicUsize::new(usize::MAX));
         let since = now_us();
@@ -197,7 +201,7 @@ impl Ctx {
             Some(addr) => relay::scrape(addr).await.ok(),
             None => None,
         };
-        let footprint = relay.footprint();
+        let footprint = relay.map(relay::Relay::footprint);
 
         let committed: HashMap<u128, i64> = paced.committed.iter().copied().collect();
         let mut first_seen: HashMap<u128, Seen> = HashMap::with_capacity(seen.len());
@@ -252,8 +256,12 @@ impl Ctx {
             insert_to_consumer: Percentiles::of(insert_to_consumer),
             consumer_before_commit_returned: negative,
             commit_to_ack: ack,
-            peak_rss_mib: mib(footprint.peak_rss_kib),
-            cpu_seconds: footprint.cpu_seconds - cpu_before,
+            floor: false,
+            peak_rss_mib: footprint.map_or(0.0, |f| mib(f.peak_rss_kib)),
+            cpu_seconds: match (footprint, cpu_before) {
+                (Some(f), Some(before)) => f.cpu_seconds - before,
+                _ => 0.0,
+            },
         })
     }
 }

@@ -10,7 +10,9 @@
 //!    for each key distribution of `--workloads` (spread, 10 aggregates, 1 aggregate, Zipf, one
 //!    transaction), each with a time limit; the consumer checks per-aggregate order.
 //! 3. Latency ([`latency`]): writers at fixed offered rates; commit-to-consumer from per-event
-//!    timestamps, commit-to-ack from the relay's own histogram.
+//!    timestamps, commit-to-ack from the relay's own histogram. For wal → Kafka also the
+//!    latency floor ([`floor`]): the same runs through a plain replication client and producer,
+//!    no relay.
 //! 4. Footprint: the relay's peak RSS and CPU seconds, from `/proc`, taken in the drain and
 //!    latency runs.
 //! 5. Failure isolation ([`faults`]): healthy latency with and without one aggregate
@@ -35,6 +37,7 @@ mod combo;
 mod ctx;
 mod drain;
 mod faults;
+mod floor;
 mod kafka;
 mod latency;
 mod measure;

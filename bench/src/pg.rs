@@ -442,20 +442,25 @@ pub async fn stream_to_plain_client(url: &str, slot: &str, events: u64) -> Resul
         .await
         .context("pg_copy_logical_replication_slot")?;
     let measured = stream_slot(url, &copy, events).await;
-    // The walsender may still be writing into the socket the client stopped reading: end it,
-    // then drop the copy once Postgres has let go of it.
+    drop_slot(&client, &copy).await?;
+    measured
+}
+
+/// Ends the walsender that still holds `slot` (it may still be writing into a socket its
+/// client stopped reading), then drops the slot once Postgres has let go of it.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let active: Option<i32> = client
             .query_opt(
                 "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&copy],
+                &[&slot],
             )
             .await?
             .and_then(|row| row.get(0));
         let Some(pid) = active else { break };
         if Instant::now() > deadline {
-            bail!("the copy slot {copy} is still held by walsender {pid}");
+            bail!("the slot {slot} is still held by walsender {pid}");
         }
         client
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
@@ -463,14 +468,15 @@ pub async fn stream_to_plain_client(url: &str, slot: &str, events: u64) -> Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&copy])
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
-        .context("pg_drop_replication_slot")?;
-    measured
+        .with_context(|| format!("pg_drop_replication_slot({slot})"))?;
+    Ok(())
 }
 
-async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
-    use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+/// A replication connection to `slot` with the relay's settings (pgoutput proto 1, text values,
+/// the relay's buffer and session options).
+pub fn replication_config(url: &str, slot: &str) -> Result<pgwire_replication::ReplicationConfig> {
     let cfg: tokio_postgres::Config = url.parse().context("database url")?;
     let host = match cfg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -480,7 +486,7 @@ async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    let config = ReplicationConfig::new(
+    Ok(pgwire_replication::ReplicationConfig::new(
         host,
         cfg.get_user().unwrap_or("postgres"),
         password,
@@ -490,7 +496,12 @@ async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
     )
     .with_port(cfg.get_ports().first().copied().unwrap_or(5432))
     .with_buffer_size(1024)
-    .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3");
+    .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3"))
+}
+
+async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
+    use pgwire_replication::{ReplicationClient, ReplicationEvent};
+    let config = replication_config(url, slot)?;
     let started = Instant::now();
     let mut repl = ReplicationClient::connect(config)
         .await

@@ -188,6 +188,9 @@ pub struct Latency {
     /// From the relay's `outbox_relay_commit_to_ack_seconds` histogram (created_at to broker
     /// confirmation), quantiles interpolated inside buckets.
     pub commit_to_ack: Option<AckQuantiles>,
+    /// A run of the latency floor ([`crate::floor`]): no relay; commit→ack from its own
+    /// delivery reports, no RSS or CPU of its own.
+    pub floor: bool,
     pub peak_rss_mib: f64,
     pub cpu_seconds: f64,
 }
@@ -414,6 +417,17 @@ fn ack_cell(l: &Latency) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+/// `; floor p99 …` when the run measured the latency floor of `l`'s combination and rate.
+fn floor_note(latency: &[Latency], l: &Latency) -> String {
+    let floor_combo = format!("{} floor", l.combo);
+    latency
+        .iter()
+        .find(|f| f.floor && f.combo == floor_combo && f.offered_per_sec == l.offered_per_sec)
+        .and_then(|f| f.commit_to_ack.as_ref())
+        .map(|a| format!("; floor without a relay p99 {:.1} ms", a.p99_ms))
+        .unwrap_or_default()
+}
+
 impl Report {
     pub fn new(
         machine: Machine,
@@ -472,7 +486,7 @@ impl Report {
                 met: Some(d.events_per_sec >= floor),
             });
         }
-        for l in &latency {
+        for l in latency.iter().filter(|l| !l.floor) {
             let limit = if l.combo.starts_with("wal") {
                 50.0
             } else {
@@ -488,8 +502,10 @@ impl Report {
                 ),
                 measured: match &l.commit_to_ack {
                     Some(a) => format!(
-                        "{:.1} ms (commit-to-consumer p99 {:.1} ms)",
-                        a.p99_ms, l.commit_to_consumer.p99_ms
+                        "{:.1} ms (commit-to-consumer p99 {:.1} ms){}",
+                        a.p99_ms,
+                        l.commit_to_consumer.p99_ms,
+                        floor_note(&latency, l)
                     ),
                     None => format!(
                         "relay histogram n/a; commit-to-consumer p99 {:.1} ms",
@@ -943,7 +959,11 @@ impl Report {
              Debezium-style benchmarks; includes the commit itself). commit→ack: the relay's \
              `outbox_relay_commit_to_ack_seconds` histogram (event `created_at` to broker confirmation), \
              quantiles interpolated inside buckets like `histogram_quantile`, max = upper bound of the highest \
-             non-empty bucket. All ms.\n"
+             non-empty bucket. All ms. `… floor` (wal → Kafka): no relay, the least a log-tailing relay does \
+             (`bench/src/floor.rs`): a replication client handing each insert straight to a producer with the \
+             relay's settings, on its own slot and topic, same writers and consumer, after the relay's runs; \
+             commit→ack from the commit timestamp to its delivery reports, exact. A relay near its floor is as fast \
+             as this machine allows at that rate.\n"
         );
         let _ = writeln!(
             o,
@@ -1188,7 +1208,7 @@ impl Report {
         const PANEL_W: f64 = 400.0;
         const PANEL_H: f64 = 300.0;
         const TOP: f64 = 60.0;
-        let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+        let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#7f7f7f"];
         let dashes = [("p50", ""), ("p99", "6 4"), ("p99.9", "2 3")];
         let mut combos: Vec<String> = Vec::new();
         for l in &self.latency {
@@ -1382,6 +1402,10 @@ mod tests {
     use super::*;
 
     fn empty() -> Report {
+        measured(Measured::default())
+    }
+
+    fn measured(measured: Measured) -> Report {
         Report::new(
             Machine::default(),
             Settings {
@@ -1409,7 +1433,7 @@ mod tests {
                 relay_build: "release".into(),
                 arguments: String::new(),
             },
-            Measured::default(),
+            measured,
             vec![],
             0.0,
         )
@@ -1435,6 +1459,7 @@ mod tests {
             insert_to_consumer: Percentiles::default(),
             consumer_before_commit_returned: 0,
             commit_to_ack: None,
+            floor: false,
             peak_rss_mib: 1.0,
             cpu_seconds: 1.0,
         }
@@ -1516,6 +1541,54 @@ mod tests {
     }
 
     #[test]
+    fn the_wal_kafka_target_names_the_floor_of_its_rate() {
+        let ack = |p99_ms| {
+            Some(AckQuantiles {
+                samples: 100,
+                p50_ms: 1.0,
+                p99_ms,
+                p999_ms: p99_ms,
+                max_bucket_ms: None,
+            })
+        };
+        let relay = Latency {
+            combo: "wal → kafka".into(),
+            offered_per_sec: 5_000,
+            commit_to_ack: ack(80.0),
+            ..latency(90.0)
+        };
+        let floor = |rate, p99_ms| Latency {
+            combo: "wal → kafka floor".into(),
+            offered_per_sec: rate,
+            commit_to_ack: ack(p99_ms),
+            floor: true,
+            ..latency(70.0)
+        };
+        let r = measured(Measured {
+            latencies: vec![relay, floor(1_000, 9.0), floor(5_000, 61.0)],
+            ..Measured::default()
+        });
+        let checks: Vec<_> = r
+            .targets
+            .iter()
+            .filter(|t| t.target.contains("p99"))
+            .collect();
+        assert_eq!(
+            checks.len(),
+            1,
+            "the floor is no target of its own: {checks:?}"
+        );
+        assert!(
+            checks[0].measured.contains("80.0 ms")
+                && checks[0]
+                    .measured
+                    .contains("floor without a relay p99 61.0 ms"),
+            "{checks:?}"
+        );
+        assert_eq!(checks[0].met, Some(false));
+    }
+
+    #[test]
     fn chart_axis_spans_the_measured_values() {
         let mut r = empty();
         r.latency.push(Latency {
@@ -1530,6 +1603,7 @@ mod tests {
             insert_to_consumer: Percentiles::default(),
             consumer_before_commit_returned: 0,
             commit_to_ack: None,
+            floor: false,
             peak_rss_mib: 1.0,
             cpu_seconds: 1.0,
         });
