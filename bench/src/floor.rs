@@ -5,8 +5,9 @@
 //! engine, order tracking, confirmation to Postgres or saved progress. What it reaches at a rate
 //! bounds what any relay reaches on this machine in the same minutes (the host's noise moves
 //! both), so the report puts the relay's latency beside it. It runs inside the bench's process,
-//! after the relay of the same combination has stopped, and measures commit→ack the relay's way:
-//! the commit timestamp of the transaction's Begin message to the delivery report.
+//! after the relay of the same combination has stopped, and measures commit→ack from the same
+//! start as the relay's histogram (which starts at the row's `created_at`, its transaction's
+//! start): the insert's `clock_timestamp()`, carried in the payload, to the delivery report.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +28,6 @@ use crate::pg::{self, BenchDb, now_us};
 use crate::relay::Setup;
 use crate::report::{AckQuantiles, Latency};
 use crate::stats::Percentiles;
-
-/// Microseconds from the Unix epoch to 2000-01-01, the epoch of pgoutput's timestamps.
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// Columns of the default outbox table, in the order of `migrations/0001_outbox.sql`.
 const ID: usize = 0;
@@ -212,9 +210,9 @@ async fn forward(
         let mut pending = FuturesUnordered::new();
         let mut samples = Vec::new();
         let mut failed = 0u64;
-        let mut record = |commit_us: i64, ok: bool| {
+        let mut record = |inserted_us: i64, ok: bool| {
             if ok {
-                samples.push((now_us() - commit_us) as f64 / 1000.0);
+                samples.push((now_us() - inserted_us) as f64 / 1000.0);
             } else {
                 failed += 1;
             }
@@ -222,24 +220,23 @@ async fn forward(
         loop {
             tokio::select! {
                 next = rx.recv() => match next {
-                    Some((commit_us, d)) => pending.push(async move {
+                    Some((inserted_us, d)) => pending.push(async move {
                         let r: Result<_, _> = d.await;
-                        (commit_us, matches!(r, Ok(Ok(_))))
+                        (inserted_us, matches!(r, Ok(Ok(_))))
                     }),
                     None => break,
                 },
-                Some((commit_us, ok)) = pending.next(), if !pending.is_empty() => record(commit_us, ok),
+                Some((inserted_us, ok)) = pending.next(), if !pending.is_empty() => record(inserted_us, ok),
             }
         }
-        while let Some((commit_us, ok)) = pending.next().await {
-            record(commit_us, ok);
+        while let Some((inserted_us, ok)) = pending.next().await {
+            record(inserted_us, ok);
         }
         if failed > 0 {
             bail!("the floor's producer failed {failed} deliveries");
         }
         Ok(samples)
     });
-    let mut commit_us = 0;
     let streamed: Result<()> = async {
         loop {
             let event = tokio::select! {
@@ -247,9 +244,6 @@ async fn forward(
                 event = repl.recv() => event.context("the floor's replication stream")?,
             };
             match event {
-                Some(ReplicationEvent::Begin {
-                    commit_time_micros, ..
-                }) => commit_us = commit_time_micros + PG_EPOCH_US,
                 Some(ReplicationEvent::XLogData { data, .. }) if data.first() == Some(&b'I') => {
                     let columns = insert_columns(&data)?;
                     let text = |i: usize| -> Result<&[u8]> {
@@ -263,9 +257,12 @@ async fn forward(
                         key: "id",
                         value: Some(text(ID)?),
                     });
+                    let payload = text(PAYLOAD)?;
+                    let inserted_us = pg::payload_t_us(payload)
+                        .ok_or_else(|| anyhow!("a bench payload without its insert time"))?;
                     let mut rec = FutureRecord::to(&topic)
                         .key(text(AGGREGATE_ID)?)
-                        .payload(text(PAYLOAD)?)
+                        .payload(payload)
                         .headers(headers);
                     let delivery = loop {
                         match producer.send_result(rec) {
@@ -280,7 +277,7 @@ async fn forward(
                             Err((e, _)) => bail!("the floor's produce failed: {e}"),
                         }
                     };
-                    tx.send((commit_us, delivery))
+                    tx.send((inserted_us, delivery))
                         .map_err(|_| anyhow!("the floor's delivery task ended"))?;
                 }
                 Some(_) => {}

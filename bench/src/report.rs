@@ -962,7 +962,7 @@ impl Report {
              non-empty bucket. All ms. `… floor` (wal → Kafka): no relay, the least a log-tailing relay does \
              (`bench/src/floor.rs`): a replication client handing each insert straight to a producer with the \
              relay's settings, on its own slot and topic, same writers and consumer, after the relay's runs; \
-             commit→ack from the commit timestamp to its delivery reports, exact. A relay near its floor is as fast \
+             commit→ack from the insert (`clock_timestamp()` in the payload; the relay's starts at `created_at`) to its delivery reports, exact. A relay near its floor is as fast \
              as this machine allows at that rate.\n"
         );
         let _ = writeln!(
