@@ -181,16 +181,7 @@ async fn connect(
     brokers: &str,
     topic: &str,
 ) -> Result<(ReplicationClient, FutureProducer)> {
-    let producer: FutureProducer = kafka::producer_config(brokers)
-        .create()
-        .context("cannot create the floor's Kafka producer")?;
-    producer
-        .send(
-            FutureRecord::to(topic).key("warm-up").payload("{}"),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| anyhow!("floor warm-up produce to {topic} failed: {e}"))?;
+    let producer = kafka::warm_producer(brokers, topic).await?;
     let repl = ReplicationClient::connect(pg::replication_config(url, slot)?)
         .await
         .context("the floor's replication connection")?;

@@ -24,7 +24,7 @@ use crate::pg::{self, AGGREGATE_TYPE, EVENT_TYPE, TRACEPARENT};
 pub const PARTITIONS: i32 = 3;
 
 /// The relay's producer settings (`relay/src/sink/kafka/mod.rs`, `client_config`).
-pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
+fn producer_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "relay-bench")
@@ -91,6 +91,22 @@ pub async fn delete_topic(brokers: &str, topic: &str) {
     }
 }
 
+/// A producer with the relay's settings that has delivered one warm-up message to `topic`
+/// (producer id and topic metadata fetched before a clock starts; consumers skip it: no `id`).
+pub(crate) async fn warm_producer(brokers: &str, topic: &str) -> Result<FutureProducer> {
+    let producer: FutureProducer = producer_config(brokers)
+        .create()
+        .context("cannot create the Kafka producer")?;
+    producer
+        .send(
+            FutureRecord::to(topic).key("warm-up").payload("{}"),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| anyhow!("warm-up produce to {topic} failed: {e}"))?;
+    Ok(producer)
+}
+
 /// Plain producer with the relay's settings: `n` messages (512-byte payload, key = aggregate id,
 /// the relay's headers) all in flight as fast as librdkafka takes them, until the last delivery
 /// report. Returns the time from the first send to the last report.
@@ -100,17 +116,7 @@ pub async fn producer_ceiling(
     n: u64,
     aggregates: u64,
 ) -> Result<Duration> {
-    let producer: FutureProducer = producer_config(brokers)
-        .create()
-        .context("cannot create the Kafka producer")?;
-    // Warm-up: producer id and metadata before the clock starts.
-    producer
-        .send(
-            FutureRecord::to(topic).key("warm-up").payload("{}"),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| anyhow!("warm-up produce to {topic} failed: {e}"))?;
+    let producer = warm_producer(brokers, topic).await?;
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(n as usize);
     for i in 0..n {
