@@ -144,7 +144,7 @@ async fn drain_on(
             let client = pg::connect(&url).await?;
             while !stop.load(Ordering::Relaxed) {
                 let done = match source {
-                    SourceKind::Poll => pg::pending_poll(&client).await? == 0,
+                    SourceKind::Poll => pg::poll_drained(&client).await?,
                     SourceKind::Wal => pg::slot_reached(&client, &slot, &wal_end).await?,
                 };
                 if done {

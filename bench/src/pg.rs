@@ -580,10 +580,13 @@ pub async fn average_payload_bytes(client: &Client) -> Result<f64> {
         .get(0))
 }
 
-pub async fn pending_poll(client: &Client) -> Result<i64> {
+/// Whether the polling relay has marked every row: one probe of the pending index, not a
+/// count (a `count(*)` of a 200,000-row backlog took 17.6 ms, every 100 ms of a drain: Postgres
+/// CPU the relay's reads and marks competed with, and the ceiling loop never does).
+pub async fn poll_drained(client: &Client) -> Result<bool> {
     Ok(client
         .query_one(
-            "SELECT count(*) FROM outbox WHERE relay_published_at IS NULL",
+            "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE relay_published_at IS NULL)",
             &[],
         )
         .await?
