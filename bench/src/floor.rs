@@ -26,7 +26,7 @@ use crate::kafka;
 use crate::latency::PacedRun;
 use crate::pg::{self, BenchDb, now_us};
 use crate::relay::Setup;
-use crate::report::{AckQuantiles, Latency};
+use crate::report::{self, AckQuantiles, Latency};
 use crate::stats::Percentiles;
 
 /// Columns of the default outbox table, in the order of `migrations/0001_outbox.sql`.
@@ -49,29 +49,26 @@ pub(crate) async fn floor(
         ..setup.clone()
     };
     ctx.prepare_broker(&setup).await?;
-    let mut out = Vec::new();
-    let mut measured = Ok(());
-    for &rate in rates {
-        ctx.log(format!(
-            "latency floor {}: {rate} events/s for {} s, no relay",
-            setup.combo.title(),
-            ctx.settings.latency_secs
-        ));
-        let run = PacedRun {
-            rate,
-            secs: ctx.settings.latency_secs,
-            aggregates: ctx.settings.aggregates,
-        };
-        match floor_run(ctx, db, &setup, run, written).await {
-            Ok(l) => out.push(l),
-            Err(e) => {
-                measured = Err(e);
-                break;
-            }
+    let measured = async {
+        let mut out = Vec::new();
+        for &rate in rates {
+            ctx.log(format!(
+                "latency floor {}: {rate} events/s for {} s, no relay",
+                setup.combo.title(),
+                ctx.settings.latency_secs
+            ));
+            let run = PacedRun {
+                rate,
+                secs: ctx.settings.latency_secs,
+                aggregates: ctx.settings.aggregates,
+            };
+            out.push(floor_run(ctx, db, &setup, run, written).await?);
         }
+        Ok(out)
     }
+    .await;
     ctx.cleanup_broker(&setup).await;
-    measured.map(|()| out)
+    measured
 }
 
 /// One paced run through the floor pipeline on a slot of its own, created now (so it starts
@@ -103,7 +100,7 @@ async fn floor_run(
     };
     pg::drop_slot(&client, &slot).await?;
     let (mut l, acks) = measured?;
-    l.combo = format!("{} floor", l.combo);
+    l.combo = report::floor_title(&l.combo);
     l.floor = true;
     let p = Percentiles::of(acks);
     l.commit_to_ack = (p.samples > 0).then_some(AckQuantiles {

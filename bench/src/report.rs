@@ -417,9 +417,15 @@ fn ack_cell(l: &Latency) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+/// How the latency floor of `combo` is named in the report (its own series in the table and
+/// the chart).
+pub fn floor_title(combo: &str) -> String {
+    format!("{combo} floor")
+}
+
 /// `; floor p99 …` when the run measured the latency floor of `l`'s combination and rate.
 fn floor_note(latency: &[Latency], l: &Latency) -> String {
-    let floor_combo = format!("{} floor", l.combo);
+    let floor_combo = floor_title(&l.combo);
     latency
         .iter()
         .find(|f| f.floor && f.combo == floor_combo && f.offered_per_sec == l.offered_per_sec)
@@ -976,7 +982,7 @@ impl Report {
             let ack = ack_cell(l);
             let _ = writeln!(
                 o,
-                "| {} | {} | {:.0} | {:.1} / **{:.1}** / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} | {} | {:.1} | {:.1} MiB |",
+                "| {} | {} | {:.0} | {:.1} / **{:.1}** / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} | {} | {} |",
                 l.combo,
                 l.offered_per_sec,
                 l.achieved_per_sec,
@@ -989,8 +995,12 @@ impl Report {
                 i.p999_ms,
                 ack,
                 l.missing,
-                l.cpu_seconds,
-                l.peak_rss_mib
+                // The floor runs in the bench's own process: no relay to measure.
+                if l.floor {
+                    "– | –".to_string()
+                } else {
+                    format!("{:.1} | {:.1} MiB", l.cpu_seconds, l.peak_rss_mib)
+                }
             );
         }
         let _ = writeln!(o, "\n![latency percentiles by offered rate](latency.svg)\n");
@@ -1586,6 +1596,11 @@ mod tests {
             "{checks:?}"
         );
         assert_eq!(checks[0].met, Some(false));
+        let md = r.markdown();
+        assert!(
+            md.contains("| wal → kafka floor | 5000 |") && md.contains("| 0 | – | – |"),
+            "the floor has no relay CPU or RSS to show: {md}"
+        );
     }
 
     #[test]
