@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::config::secret::Secret;
 use crate::error::Error;
 use crate::event::{KeyRef, OutboxEvent};
-use crate::outbox::{Outbox, PollStatements, RetentionCleanup};
+use crate::outbox::{OutSeqs, Outbox, PollStatements, RetentionCleanup};
 use crate::pg::PgConn;
 
 pub struct PollSource {
@@ -261,7 +261,7 @@ impl PollSource {
         };
         // Every unpublished row that is not out, from the start: a row that commits late with
         // a smaller relay_seq is found by the next read, never skipped.
-        let out: Vec<i64> = self.out.iter().copied().collect();
+        let out = OutSeqs::split(self.out.iter().copied());
         let keys = if past_blocked {
             blocked.keys()
         } else {
