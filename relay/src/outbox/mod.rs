@@ -149,7 +149,7 @@ impl Outbox {
         });
         let progress = table.sibling("_relay_progress");
         let attempts = table.sibling("_relay_attempts");
-        // The rows out are the oldest pending ones, and walking past them (each a heap fetch
+        // The rows out are mostly the oldest pending ones, and walking past them (each a heap fetch
         // and a probe of the array) made a read cost 2.5 times that of the same rows with
         // nothing out. So the longest run of consecutive `relay_seq` out ($4..=$5) is skipped by
         // the index itself, as two index ranges merged in order, and only the rest of `out`
@@ -311,6 +311,12 @@ impl Outbox {
             confirm: prepare(&self.confirm_sql).await?,
             delete: prepare(&self.delete_sql).await?,
         })
+    }
+
+    /// The pending read's SQL, for tests of its plan.
+    #[cfg(test)]
+    pub(crate) fn fetch_sql(&self) -> &str {
+        &self.fetch_sql
     }
 
     /// Unpublished events in outbox order, leaving out the rows `out` (in flight) and the

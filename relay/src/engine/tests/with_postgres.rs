@@ -228,3 +228,79 @@ async fn a_slow_batch_holds_up_only_its_own_aggregate_while_other_batches_go_out
         }
     }
 }
+
+/// The pending read skips the run of rows out through the pending index: two ranges of it,
+/// merged in order, and no sort (which would read both ranges to their limit), even on a fresh
+/// backlog whose statistics still describe an empty table. It returns the rows that are not
+/// out, in order, whether they lie below, inside the gaps of, or above what is out.
+#[tokio::test]
+async fn the_pending_read_merges_two_ranges_of_the_index_and_leaves_out_every_row_out() {
+    let (db, config, client) = migrated().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             SELECT gen_random_uuid(), 'wallet', (g % 50)::text, 'E', '{}' \
+             FROM generate_series(1, 5000) g",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(crate::source::poll::READ_SETTINGS)
+        .await
+        .unwrap();
+    let outbox = crate::outbox::Outbox::inspect(&client, &config, true)
+        .await
+        .unwrap();
+    // Out: 101..=2000 (the run), 5 and 2002 (the rest); 2001 is a gap.
+    let out_seqs: Vec<i64> = (101..=2000).chain([5, 2002]).collect();
+    let out = crate::outbox::OutSeqs::split(out_seqs.iter().copied());
+    assert_eq!(out.run, (101, 2000));
+    let keys: Vec<String> = Vec::new();
+    let plan: Vec<String> = client
+        .query(
+            &format!("EXPLAIN (COSTS OFF) {}", outbox.fetch_sql()),
+            &[&1000i64, &out.rest, &keys, &out.run.0, &out.run.1],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Merge Append"), "{plan}");
+    assert_eq!(
+        plan.matches("Index Scan using outbox_relay_pending_idx")
+            .count(),
+        2,
+        "{plan}"
+    );
+    assert!(
+        !plan
+            .lines()
+            .any(|l| l.trim_start().trim_start_matches("->").trim() == "Sort"),
+        "{plan}"
+    );
+    let statements = outbox.prepare_poll(&client).await.unwrap();
+    let read = outbox
+        .fetch_pending(&client, &statements, 1000, &out, std::iter::empty())
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = read.iter().map(|e| e.seq).collect();
+    let expected: Vec<i64> = (1..=100)
+        .filter(|s| *s != 5)
+        .chain([2001])
+        .chain(2003..)
+        .take(1000)
+        .collect();
+    assert_eq!(seqs, expected);
+    // Nothing out: every row from the first, once.
+    let none = crate::outbox::OutSeqs::split([]);
+    let read = outbox
+        .fetch_pending(&client, &statements, 1000, &none, std::iter::empty())
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = read.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=1000).collect::<Vec<i64>>());
+    drop(client);
+    db.drop().await;
+}
