@@ -149,8 +149,8 @@ impl Outbox {
         });
         let progress = table.sibling("_relay_progress");
         let attempts = table.sibling("_relay_attempts");
-        // The rows out are mostly the oldest pending ones, and walking past them (each a heap fetch
-        // and a probe of the array) made a read cost 2.5 times that of the same rows with
+        // The rows out are mostly the oldest pending ones, and walking past them (each a heap
+        // fetch and a probe of the array) made a read cost 2.5 times that of the same rows with
         // nothing out. So the longest run of consecutive `relay_seq` out ($4..=$5) is skipped by
         // the index itself, as two index ranges merged in order, and only the rest of `out`
         // ($2) is filtered row by row. A run with no gap holds every seq between its ends, so

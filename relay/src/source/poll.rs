@@ -147,7 +147,8 @@ fn take_ready(
 ///
 /// Markings are applied in the order they were asked for; what was asked while one ran goes
 /// in the next statement, all together. The engine does not wait for a marking unless
-/// [`MARKINGS_AHEAD`] are unanswered (it waited for every one before, 3 ms of each batch's 20).
+/// [`MARKINGS_AHEAD`] are unanswered (before, it waited for each one to end before asking for
+/// the next).
 struct Marker {
     requests: tokio::sync::mpsc::UnboundedSender<Vec<i64>>,
     answers: tokio::sync::mpsc::UnboundedReceiver<Marked>,
@@ -224,6 +225,7 @@ impl Marker {
                 Ok(())
             }
             Some(Err(e)) => Err(e),
+            // Only if the task panicked: it answers every marking, or fails one and says so.
             None => Err(Error::pg_transient(
                 "marking events published stopped",
                 "its task ended",
@@ -259,13 +261,11 @@ impl Marker {
             self.take(answer, &mut done)?;
         }
         if self.requests.send(seqs).is_err() {
-            // The task stopped at a failure, which the answers carry.
-            let answer = self.answers.recv().await;
-            self.take(answer, &mut done)?;
-            return Err(Error::pg_transient(
-                "marking events published stopped",
-                "its task ended",
-            ));
+            // The task stopped at a failure: its answer, still to be taken, says which.
+            loop {
+                let answer = self.answers.recv().await;
+                self.take(answer, &mut done)?;
+            }
         }
         self.unanswered += 1;
         Ok(done)
@@ -387,14 +387,14 @@ impl Source for PollSource {
         let conn = PgConn::connect(&config.database_url).await?;
         // The pending read must walk the pending index in relay_seq order (two ranges of it,
         // merged: see `Outbox::fetch_pending`) and stop after `batch_size` rows, whatever the
-        // statistics say: right after a large backlog is
-        // committed they still describe an empty table, and the planner would pick a bitmap
-        // scan of the whole backlog plus a sort for every batch. Custom plans also let Postgres
-        // hash the in-flight list instead of searching it row by row, and drop the waiting
-        // aggregates' clause when none waits. No parallel workers: on a
-        // large backlog the planner splits the index walk between two workers and merges their
-        // rows, which took twice as long for the same 1,000 rows (19 vs 8 ms with 4,000 events
-        // in flight, Zipf backlog of 200,000) and keeps more cores from the writers.
+        // statistics say: right after a large backlog is committed they still describe an empty
+        // table, and the planner would pick a bitmap scan of the whole backlog plus a sort for
+        // every batch. Custom plans also let Postgres hash the in-flight list instead of
+        // searching it row by row, and drop the waiting aggregates' clause when none waits. No
+        // parallel workers: on a large backlog the planner splits the index walk between two
+        // workers and merges their rows, which took twice as long for the same 1,000 rows (19 vs
+        // 8 ms with 4,000 events in flight, Zipf backlog of 200,000) and keeps more cores from
+        // the writers.
         conn.client
             .batch_execute(READ_SETTINGS)
             .await
