@@ -1,6 +1,7 @@
 //! Phase 1, the raw ceilings of this machine: the Postgres commit rate of outbox transactions, a
 //! plain producer with the relay's settings to Kafka and to RabbitMQ, and Postgres alone handing
-//! a backlog out to a claim-and-read SQL loop (the poll source's work without the relay). The
+//! a backlog out to a claim-and-read SQL loop (the poll source's work without the relay; beside
+//! it, the same work on two connections, reading while marking, not used as a ceiling). The
 //! relay can go no faster than the slowest of them, so the drains are reported against them:
 //! a bare rate would say more about the machine than about the relay. The wal source's ceiling
 //! needs a slot holding a backlog, so the drain phase measures it on its first backlog.
@@ -117,6 +118,22 @@ pub(crate) async fn ceilings(ctx: &mut Ctx, combos: &[Combo]) -> Result<Ceilings
         let (rows, bytes, t) = pg::poll_ceiling(&db.url).await?;
         c.poll_source_events_per_sec = rows as f64 / t.as_secs_f64();
         c.poll_source_mb_per_sec = bytes as f64 / 1e6 / t.as_secs_f64();
+        db.drop_now().await?;
+
+        ctx.log(format!(
+            "beside it: the same work on two connections (reading while marking), {} events",
+            s.events
+        ));
+        let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollpipe").await?;
+        let setup = ctx.setup(Combo::ALL[1], &db, "pollpipe");
+        setup.migrate()?;
+        pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+        db.client()
+            .await?
+            .batch_execute("VACUUM ANALYZE outbox")
+            .await?;
+        let (rows, t) = pg::poll_pipelined(&db.url).await?;
+        c.poll_pipelined_events_per_sec = rows as f64 / t.as_secs_f64();
         db.drop_now().await?;
     }
     Ok(c)

@@ -107,6 +107,9 @@ pub struct Ceilings {
     pub rabbitmq_publisher_msgs_per_sec: f64,
     pub poll_source_events_per_sec: f64,
     pub poll_source_mb_per_sec: f64,
+    /// Beside it, not a ceiling: the same work on two connections, reading while marking
+    /// (`pg::poll_pipelined`).
+    pub poll_pipelined_events_per_sec: f64,
     pub wal_source: Vec<WalCeiling>,
 }
 
@@ -809,6 +812,13 @@ impl Report {
                 "| poll source | {} ({:.1} MB/s) | SQL loop: 1,000 unpublished rows in relay_seq order, then `UPDATE … relay_published_at = now()` |",
                 measured(c.poll_source_events_per_sec),
                 c.poll_source_mb_per_sec
+            );
+        }
+        if c.poll_pipelined_events_per_sec > 0.0 {
+            let _ = writeln!(
+                o,
+                "| poll source on two connections (not a ceiling) | {} | the same rows and statements, read past a watermark on one connection while the other marks the batches read before (at most two ahead) |",
+                measured(c.poll_pipelined_events_per_sec)
             );
         }
         for w in &c.wal_source {

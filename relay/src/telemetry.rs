@@ -453,12 +453,26 @@ fn id_only_span(event: &OutboxEvent) -> PublishSpan {
     PublishSpan {
         span: None,
         created_at_ms: event.created_at_ms,
-        traceparent: Some(format!(
-            "00-{trace_id:032x}-{span_id:016x}-{:02x}",
-            u8::from(sampled)
-        )),
+        traceparent: Some(traceparent_header(trace_id, span_id, sampled)),
         tracestate,
     }
+}
+
+/// `00-<trace id>-<span id>-<flags>` in lower-case hex, in one allocation of its exact length
+/// (`format!` made three allocator calls for it: a first guess, then two reallocations).
+fn traceparent_header(trace_id: u128, span_id: u64, sampled: bool) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    for shift in (0..32).rev() {
+        out.push(char::from(HEX[(trace_id >> (shift * 4)) as usize & 0xf]));
+    }
+    out.push('-');
+    for shift in (0..16).rev() {
+        out.push(char::from(HEX[(span_id >> (shift * 4)) as usize & 0xf]));
+    }
+    out.push_str(if sampled { "-01" } else { "-00" });
+    out
 }
 
 /// The span through the SDK, with the name and attributes of the semantic conventions.
@@ -555,6 +569,26 @@ mod tests {
 
     fn export_of(vars: &[(&str, &str)]) -> Result<Option<OtlpExport>, String> {
         OtlpExport::from_env(&env_of(vars))
+    }
+
+    #[test]
+    fn the_traceparent_header_is_the_w3c_form_of_its_ids() {
+        for (trace_id, span_id, sampled) in [
+            (1u128, 1u64, true),
+            (u128::MAX, u64::MAX, false),
+            (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, true),
+        ] {
+            let header = traceparent_header(trace_id, span_id, sampled);
+            assert_eq!(
+                header,
+                format!(
+                    "00-{trace_id:032x}-{span_id:016x}-{:02x}",
+                    u8::from(sampled)
+                )
+            );
+            assert_eq!(header.capacity(), header.len());
+            assert_eq!(parse_traceparent(&header), Some((trace_id, sampled)));
+        }
     }
 
     #[test]
