@@ -107,14 +107,7 @@ pub(crate) async fn ceilings(ctx: &mut Ctx, combos: &[Combo]) -> Result<Ceilings
             "ceiling: poll source (SQL claim-and-read loop), {} events",
             s.events
         ));
-        let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollsql").await?;
-        let setup = ctx.setup(Combo::ALL[1], &db, "pollsql");
-        setup.migrate()?;
-        pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
-        db.client()
-            .await?
-            .batch_execute("VACUUM ANALYZE outbox")
-            .await?;
+        let db = poll_backlog(ctx, "pollsql").await?;
         let (rows, bytes, t) = pg::poll_ceiling(&db.url).await?;
         c.poll_source_events_per_sec = rows as f64 / t.as_secs_f64();
         c.poll_source_mb_per_sec = bytes as f64 / 1e6 / t.as_secs_f64();
@@ -124,17 +117,23 @@ pub(crate) async fn ceilings(ctx: &mut Ctx, combos: &[Combo]) -> Result<Ceilings
             "beside it: the same work on two connections (reading while marking), {} events",
             s.events
         ));
-        let db = BenchDb::create(&a.pg_admin_url, &ctx.run_id, "pollpipe").await?;
-        let setup = ctx.setup(Combo::ALL[1], &db, "pollpipe");
-        setup.migrate()?;
-        pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
-        db.client()
-            .await?
-            .batch_execute("VACUUM ANALYZE outbox")
-            .await?;
+        let db = poll_backlog(ctx, "pollpipe").await?;
         let (rows, t) = pg::poll_pipelined(&db.url).await?;
         c.poll_pipelined_events_per_sec = rows as f64 / t.as_secs_f64();
         db.drop_now().await?;
     }
     Ok(c)
+}
+
+/// A database of its own with the poll schema and a vacuumed backlog of the run's size.
+async fn poll_backlog(ctx: &Ctx, label: &str) -> Result<BenchDb> {
+    let s = &ctx.settings;
+    let db = BenchDb::create(&ctx.args.pg_admin_url, &ctx.run_id, label).await?;
+    ctx.setup(Combo::ALL[1], &db, label).migrate()?;
+    pg::write_backlog(&db.url, s.events, s.aggregates, 4).await?;
+    db.client()
+        .await?
+        .batch_execute("VACUUM ANALYZE outbox")
+        .await?;
+    Ok(db)
 }

@@ -532,25 +532,27 @@ async fn stream_slot(url: &str, slot: &str, events: u64) -> Result<Duration> {
     Ok(took)
 }
 
+/// The columns the poll loops read: those the relay reads, as it decodes them.
+const POLL_COLUMNS: &str = "relay_seq, id::text, aggregate_type::text, aggregate_id::text, \
+     event_type::text, convert_to(payload::text, 'UTF8'), headers::text, traceparent::text, \
+     tracestate::text, (extract(epoch from created_at) * 1000)::bigint";
+
+/// The relay's marking statement.
+const POLL_MARK: &str = "UPDATE outbox SET relay_published_at = now() \
+     WHERE relay_seq = ANY($1) AND relay_published_at IS NULL";
+
 /// A plain SQL loop that hands the backlog out like the polling publisher, without a broker:
 /// read 1,000 unpublished rows in `relay_seq` order (the columns the relay reads), mark them
 /// published, repeat until none are left. Returns rows handed out, payload bytes, time.
 pub async fn poll_ceiling(url: &str) -> Result<(u64, u64, Duration)> {
     let client = connect(url).await?;
     let fetch = client
-        .prepare(
-            "SELECT relay_seq, id::text, aggregate_type::text, aggregate_id::text, event_type::text, \
-                    convert_to(payload::text, 'UTF8'), headers::text, traceparent::text, tracestate::text, \
-                    (extract(epoch from created_at) * 1000)::bigint \
-             FROM outbox WHERE relay_published_at IS NULL ORDER BY relay_seq LIMIT 1000",
-        )
+        .prepare(&format!(
+            "SELECT {POLL_COLUMNS} FROM outbox WHERE relay_published_at IS NULL \
+             ORDER BY relay_seq LIMIT 1000"
+        ))
         .await?;
-    let mark = client
-        .prepare(
-            "UPDATE outbox SET relay_published_at = now() \
-             WHERE relay_seq = ANY($1) AND relay_published_at IS NULL",
-        )
-        .await?;
+    let mark = client.prepare(POLL_MARK).await?;
     let started = Instant::now();
     let (mut rows_out, mut bytes) = (0u64, 0u64);
     loop {
@@ -578,20 +580,12 @@ pub async fn poll_pipelined(url: &str) -> Result<(u64, Duration)> {
     let reader = connect(url).await?;
     let marker = connect(url).await?;
     let fetch = reader
-        .prepare(
-            "SELECT relay_seq, id::text, aggregate_type::text, aggregate_id::text, event_type::text, \
-                    convert_to(payload::text, 'UTF8'), headers::text, traceparent::text, tracestate::text, \
-                    (extract(epoch from created_at) * 1000)::bigint \
-             FROM outbox WHERE relay_published_at IS NULL AND relay_seq > $1 \
-             ORDER BY relay_seq LIMIT 1000",
-        )
+        .prepare(&format!(
+            "SELECT {POLL_COLUMNS} FROM outbox WHERE relay_published_at IS NULL AND relay_seq > $1 \
+             ORDER BY relay_seq LIMIT 1000"
+        ))
         .await?;
-    let mark = marker
-        .prepare(
-            "UPDATE outbox SET relay_published_at = now() \
-             WHERE relay_seq = ANY($1) AND relay_published_at IS NULL",
-        )
-        .await?;
+    let mark = marker.prepare(POLL_MARK).await?;
     let (batches, mut to_mark) = tokio::sync::mpsc::channel::<Vec<i64>>(2);
     let started = Instant::now();
     let marking = tokio::spawn(async move {
